@@ -1,0 +1,365 @@
+"""The layer base every orthoft method stands on, and the PEFT tuner that injects it.
+
+A method file only says how its adapter parameters are created and what linear map they
+mean; this module knows the layer types (``nn.Linear``, transformers ``Conv1D``,
+``nn.Conv2d``, bitsandbytes ``Linear4bit``/``Linear8bitLt``), dtypes, dropout-free plumbing,
+merge/unmerge and several adapters at once.
+
+Two families of methods:
+
+* multiplicative (OFT, BOFT, qGOFT, HRA): effective weight ``diag(s) W T^T`` where ``T`` is a
+  map on the input features and ``s`` an optional output scale. Linear-like layers apply it
+  input-side, ``base(x T)``, so the frozen (possibly quantized) kernel is untouched. Conv2d
+  rotates the flattened ``in_channels * kh * kw`` filter dimension, which is only exact on the
+  weight, so it builds ``W T^T`` (cheap: weights are small next to activations) and convolves.
+* additive (PSOFT, SVFT, ...): effective weight ``W + dW``; override ``adapter_delta_forward``
+  and ``adapter_delta_weight``.
+
+Several active adapters compose in merge order: merging ``a1`` then ``a2`` gives
+``W T1^T T2^T``, and the unmerged forward applies ``T2`` first so both agree. Already merged
+adapters sit next to ``W``; unmerging pops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is a dependency, but keep the math usable without it
+    Conv1D = None  # type: ignore[assignment,misc]
+
+LayerKind = str  # "linear" | "conv1d" | "conv2d" | "quantized"
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """Which of the supported layer families ``module`` belongs to, or None."""
+    if resolve_quantization_backend(module) is not None:
+        return "quantized"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Conv2d (groups=1), bitsandbytes Linear4bit/Linear8bitLt"
+
+
+class OrthoLayer(nn.Module, BaseTunerLayer):
+    """Shared base of all orthoft adapter layers.
+
+    Subclasses set ``adapter_layer_names`` (ParameterDicts keyed by adapter name),
+    ``other_param_names``, ``optimizer_views`` (how each trainable tensor looks to an
+    orthogonalizing optimizer: "skew_packed", "matrix", "matrix_stack" or "vector") and
+    implement ``create_adapter`` plus either the multiplicative or the additive hooks.
+    """
+
+    method_name: ClassVar[str] = "orthoft"
+    additive: ClassVar[bool] = False
+    optimizer_views: ClassVar[dict[str, str]] = {}
+    # layer kinds a method cannot handle, with the reason shown to the user
+    unsupported_kinds: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PeftConfig, module_name: str = "") -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.module_name = module_name
+        kind = layer_kind(self.get_base_layer())
+        if kind is None:
+            raise TypeError(
+                f"{self.method_name}: module {module_name or type(base_layer).__name__} is a "
+                f"{type(base_layer).__name__}, which cannot be adapted. Supported: {SUPPORTED_LAYERS}. "
+                "Fix: remove it from target_modules (or use exclude_modules)."
+            )
+        if kind in self.unsupported_kinds:
+            raise TypeError(
+                f"{self.method_name}: module {module_name} ({type(base_layer).__name__}) is not supported: "
+                f"{self.unsupported_kinds[kind]}. Fix: remove it from target_modules."
+            )
+        self.kind = kind
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        base = self.get_base_layer()
+        if kind == "conv2d":
+            if base.groups != 1:
+                raise TypeError(
+                    f"{self.method_name}: Conv2d {module_name} has groups={base.groups}; only groups=1 is "
+                    "supported because the rotation mixes all input channels. Fix: exclude this module."
+                )
+            self.in_features = base.in_channels * math.prod(base.kernel_size)
+            self.out_features = base.out_channels
+        elif kind == "conv1d":
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapter_configs: dict[str, PeftConfig] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ---- method hooks -------------------------------------------------------------------
+    def create_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Create this adapter's parameters (float32) in the layer's ParameterDicts."""
+        raise NotImplementedError
+
+    def transform_input(
+        self, adapter_name: str, x: torch.Tensor, transpose: bool = False, training: bool = False
+    ) -> torch.Tensor:
+        """Multiplicative methods: ``x -> x T`` (``x T^T`` with ``transpose``) on the last dim.
+
+        ``training`` is True only inside a training-mode forward: the one place dropout may act.
+        """
+        raise NotImplementedError
+
+    def inverse_transform_input(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x -> x T^{-T}``, used by unmerge. Orthogonal maps have ``T^{-T} = T``."""
+        return self.transform_input(adapter_name, x, transpose=False)
+
+    def output_scale(self, adapter_name: str) -> torch.Tensor | None:
+        """Multiplicative methods: optional per-output-feature scale ``s`` (shape ``(out,)``)."""
+        return None
+
+    def adapter_delta_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Additive methods: ``x -> x dW^T`` for input rows ``x`` (..., in_features)."""
+        raise NotImplementedError
+
+    def adapter_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Additive methods: dense ``dW`` (out, in_features), float32."""
+        raise NotImplementedError
+
+    # ---- adapter bookkeeping ------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: PeftConfig, **kwargs: Any) -> None:
+        self.adapter_configs[adapter_name] = config
+        self.create_adapter(adapter_name, config)
+        self._move_adapter_to_base_device(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=getattr(config, "inference_mode", False))
+
+    def _move_adapter_to_base_device(self, adapter_name: str) -> None:
+        # Unlike PEFT's helper this keeps adapter tensors in float32: rotations are built in
+        # float32 even for bf16/fp16 models and cast only where they meet activations.
+        device = self._base_device()
+        if device is None:
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if isinstance(container, (nn.ParameterDict, nn.ModuleDict)) and adapter_name in container:
+                item = container[adapter_name]
+                if item.device != device and item.device.type != "meta":
+                    container[adapter_name] = item.to(device)
+
+    def _base_device(self) -> torch.device | None:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.device if weight is not None else None
+
+    def _has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in getattr(self, self.adapter_layer_names[0])
+
+    def _unmerged_active(self) -> list[str]:
+        return [a for a in self.active_adapters if self._has_adapter(a) and a not in self.merged_adapters]
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.is_floating_point() else torch.float32
+
+    # ---- dense weight access (float32, shape (out, in_features)) -------------------------
+    def dense_base_weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.kind == "quantized":
+            weight = self.get_base_weight()
+        elif self.kind == "conv1d":
+            weight = base.weight.data.T
+        else:
+            weight = base.weight.data
+        return weight.reshape(self.out_features, self.in_features).float()
+
+    def store_dense_base_weight(self, weight: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if self.kind == "quantized":
+            dtype = getattr(base, "compute_dtype", None) or torch.float32
+            self.set_base_weight(weight.to(dtype).contiguous())
+            return
+        old = base.weight
+        if self.kind == "conv1d":
+            weight = weight.T
+        base.weight.data = weight.reshape(old.shape).to(old.dtype).contiguous()
+
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """``W -> W'`` for one adapter, float32 dense ``(out, in_features)``."""
+        if self.additive:
+            return weight + self.adapter_delta_weight(adapter_name)
+        merged = self.transform_input(adapter_name, weight, transpose=True, training=training)
+        scale = self.output_scale(adapter_name)
+        return merged if scale is None else merged * scale.float()[:, None]
+
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if self.additive:
+            return weight - self.adapter_delta_weight(adapter_name)
+        scale = self.output_scale(adapter_name)
+        if scale is not None:
+            weight = weight / scale.float()[:, None]
+        return self.inverse_transform_input(adapter_name, weight)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``W' - W`` for one adapter on the current base weight (float32)."""
+        weight = self.dense_base_weight()
+        return self._merged_weight(adapter_name, weight) - weight
+
+    # ---- merge / unmerge ----------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if self._has_adapter(a)]
+        if not adapter_names:
+            return
+        with torch.no_grad():
+            weight = self.dense_base_weight()
+            for name in adapter_names:
+                weight = self._merged_weight(name, weight)
+                if safe_merge and not torch.isfinite(weight).all():
+                    raise ValueError(
+                        f"{self.method_name}: merging adapter {name!r} into {self.module_name} produced "
+                        "NaN/inf; the adapter weights are broken. Nothing was merged."
+                    )
+            self.store_dense_base_weight(weight)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        with torch.no_grad():
+            weight = self.dense_base_weight()
+            while self.merged_adapters:
+                weight = self._unmerged_weight(self.merged_adapters.pop(), weight)
+            self.store_dense_base_weight(weight)
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._unmerged_active()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self.kind == "conv2d":
+            return self._forward_weight_side(x, active)
+        if self.additive:
+            result = self.base_layer(x, *args, **kwargs)
+            for name in active:
+                result = result + self.adapter_delta_forward(name, x).to(result.dtype)
+            return result
+        dtype = x.dtype
+        x_rot = x
+        for name in reversed(active):
+            x_rot = self.transform_input(name, x_rot, training=self.training)
+        result = self.base_layer(x_rot.to(dtype), *args, **kwargs)
+        scales = [s for s in (self.output_scale(a) for a in active) if s is not None]
+        if scales:
+            scale = torch.stack(scales).prod(0).to(result.dtype)
+            bias = self.get_base_layer().bias
+            # the output scale multiplies W only: the bias stays as trained
+            result = result * scale if bias is None else (result - bias) * scale + bias
+        return result
+
+    def _forward_weight_side(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = self.dense_base_weight()
+        for name in active:
+            weight = self._merged_weight(name, weight, training=self.training)
+        weight = weight.reshape(base.weight.shape).to(x.dtype)
+        return base._conv_forward(x, weight, base.bias)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class OrthoTuner(BaseTuner):
+    """PEFT tuner shared by all orthoft methods; a method sets ``prefix`` and ``tuner_layer_cls``."""
+
+    tuner_layer_cls: type[OrthoLayer]
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            from peft.utils import TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING
+
+            mapping = self.target_module_mapping or TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING
+            targets = mapping.get(model_config.get("model_type"))
+            if targets is None:
+                raise ValueError(
+                    f"{type(peft_config).__name__}: no default target_modules for model_type "
+                    f"{model_config.get('model_type')!r}. Fix: pass target_modules=[...] or 'all-linear'."
+                )
+            peft_config.target_modules = set(targets)
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"{self.tuner_layer_cls.method_name}: {current_key} already holds a {type(target).__name__} "
+                "adapter of another method. Fix: merge_and_unload() it first or target another module."
+            )
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+
+__all__ = ["OrthoLayer", "OrthoTuner", "layer_kind"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def resolve_block_size(
+    method: str,
+    module_name: str,
+    features: int,
+    block_size: int | None,
+    num_blocks: int | None,
+    multiple_of: int = 1,
+) -> int:
+    """Block size for one layer from ``block_size`` or ``num_blocks``, with an actionable error.
+
+    ``multiple_of`` is the span one block pattern needs (e.g. ``b * 2^(m-1)`` for a butterfly).
+    """
+    if num_blocks:
+        if features % num_blocks:
+            raise ValueError(
+                f"{method}: num_blocks {num_blocks} does not divide in_features {features} of {module_name}. "
+                f"Fix: use a num_blocks among {_divisors(features)[:12]} or exclude the module."
+            )
+        block_size = features // num_blocks
+    span = block_size * multiple_of
+    if features % span:
+        fitting = [k for k in _divisors(features) if features % (k * multiple_of) == 0 and k > 1]
+        nearest = sorted(fitting, key=lambda k: abs(k - block_size))[:4]
+        what = f"block size {block_size}" + (f" x {multiple_of}" if multiple_of > 1 else "")
+        raise ValueError(
+            f"{method}: {what} does not divide in_features {features} of {module_name}. "
+            f"Fix: pick a block size such as {sorted(nearest)}, set num_blocks, or exclude the module."
+        )
+    return block_size

@@ -1,0 +1,28 @@
+"""The one place orthoft touches PEFT internals to register its methods.
+
+PEFT 0.21's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so
+orthoft adds plain string types (``"ORTHOFT_OFT"``, ...) to the three mappings PEFT consults in
+``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained``. The supported PEFT
+range is pinned in pyproject.toml and ``tests/test_peft_integration.py`` fails loudly if a PEFT
+upgrade breaks the round trip.
+"""
+
+from __future__ import annotations
+
+from peft import mapping
+
+from .base import OrthoTuner
+from .config import OrthoConfig
+
+REGISTERED: dict[str, tuple[type[OrthoConfig], type[OrthoTuner]]] = {}
+
+
+def register_method(peft_type: str, config_cls: type[OrthoConfig], tuner_cls: type[OrthoTuner]) -> None:
+    """Make ``peft_type`` known to PEFT; idempotent for the same classes."""
+    for existing_type, prefix in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        if prefix == tuner_cls.prefix and existing_type != peft_type:
+            raise KeyError(f"PEFT prefix {prefix!r} of {peft_type} is already used by {existing_type}")
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner_cls.prefix
+    REGISTERED[peft_type] = (config_cls, tuner_cls)
