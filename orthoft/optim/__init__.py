@@ -1,0 +1,37 @@
+"""Orthogonalized optimizers (Muon and variants) that understand adapter tensors.
+
+``build_optimizer(model, name, lr=...)`` routes every trainable tensor by the ``optimizer_views``
+its adapter layer declares; see ``docs/optim.md``. This package does not import the adapters.
+"""
+
+from .newton_schulz import (
+    KELLER_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    ROOT_COEFFICIENTS,
+    orthogonality_error,
+    orthogonalize,
+)
+from .optimizers import ROOT, AuON, HybridAuON, Muon, NorMuon, OrthogonalizedOptimizer, TurboMuon
+from .routing import Route, build_optimizer, route_parameters
+from .views import VIEW_NAMES, VIEWS, get_view
+
+__all__ = [
+    "AuON",
+    "HybridAuON",
+    "KELLER_COEFFICIENTS",
+    "Muon",
+    "NorMuon",
+    "OrthogonalizedOptimizer",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "ROOT",
+    "ROOT_COEFFICIENTS",
+    "Route",
+    "TurboMuon",
+    "VIEWS",
+    "VIEW_NAMES",
+    "build_optimizer",
+    "get_view",
+    "orthogonality_error",
+    "orthogonalize",
+    "route_parameters",
+]
