@@ -234,7 +234,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         with torch.no_grad():
             weight = self.dense_base_weight()

@@ -41,9 +41,7 @@ class OrthoConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         allowed_bias = {"none", "all", f"{self.method_prefix}_only"}
         if self.bias not in allowed_bias:
-            raise ValueError(
-                f"{type(self).__name__}: bias={self.bias!r} is not one of {sorted(allowed_bias)}."
-            )
+            raise ValueError(f"{type(self).__name__}: bias={self.bias!r} is not one of {sorted(allowed_bias)}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{type(self).__name__}: layers_pattern needs layers_to_transform as well.")
 
