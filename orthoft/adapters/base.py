@@ -130,6 +130,14 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         """Multiplicative methods: optional per-output-feature scale ``s`` (shape ``(out,)``)."""
         return None
 
+    def regularization_loss(self, adapter_name: str) -> torch.Tensor | None:
+        """This adapter's training penalty, already multiplied by its config's weight (0-d float32).
+
+        None when the method has no penalty or its weight is 0. ``orthoft.regularization_loss(model)``
+        sums these over every layer and active adapter.
+        """
+        return None
+
     def adapter_delta_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """Additive methods: ``x -> x dW^T`` for input rows ``x`` (..., in_features)."""
         raise NotImplementedError
