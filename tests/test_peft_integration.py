@@ -394,3 +394,17 @@ def test_quantized_merge_is_within_quantization_noise():
     peft_model.merge_adapter()
     # merging requantizes the rotated weight: one more rounding, not a wrong merge
     assert (peft_model(x) - adapted).abs().max() < 2 * quantization_noise
+
+
+def test_rotations_are_reused_in_inference_and_rebuilt_after_updates():
+    model = get_peft_model(TinyMLP(), orthoft.OFTConfig(target_modules=["lin0"], block_size=8))
+    layer = model.base_model.model.lin0
+    model.eval()
+    with torch.no_grad():
+        first = layer.rotations("default")
+        assert layer.rotations("default") is first
+        layer.orthoft_oft_Q["default"].add_(0.01)
+        rebuilt = layer.rotations("default")
+    assert rebuilt is not first and not torch.equal(rebuilt, first)
+    # training (grad enabled) never reuses a cached rotation
+    assert layer.rotations("default") is not rebuilt

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -103,6 +104,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
         self.adapter_configs: dict[str, PeftConfig] = {}
+        self._inference_cache: dict[str, tuple[tuple, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -169,6 +171,23 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
     def _base_device(self) -> torch.device | None:
         weight = getattr(self.get_base_layer(), "weight", None)
         return weight.device if weight is not None else None
+
+    def cached_for_inference(self, key: str, tensors: list[torch.Tensor], build: Callable[[], Any]) -> Any:
+        """``build()``, reused across calls while no gradient is recorded and ``tensors`` are unchanged.
+
+        Generation calls every adapted layer once per token; rebuilding each rotation every time
+        costs more than the rotation itself. Any in-place update (optimizer step, load) bumps a
+        tensor's version and invalidates the entry.
+        """
+        if torch.is_grad_enabled() or self.training:
+            return build()
+        stamp = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+        hit = self._inference_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = build()
+        self._inference_cache[key] = (stamp, value)
+        return value
 
     def _has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in getattr(self, self.adapter_layer_names[0])

@@ -86,7 +86,10 @@ class BOFTLayer(OrthoLayer):
     def rotations(self, adapter_name: str, training: bool = False) -> torch.Tensor:
         """Float32 blocks of every factor, ``(m, n_blocks, b, b)``."""
         config = self.adapter_configs[adapter_name]
-        rot = rotation_from_packed(self.orthoft_boft_Q[adapter_name], **config.rotation_kwargs())
+        packed = self.orthoft_boft_Q[adapter_name]
+        rot = self.cached_for_inference(
+            adapter_name, [packed], lambda: rotation_from_packed(packed, **config.rotation_kwargs())
+        )
         return drop_blocks(rot, config.dropout, training)
 
     def transform_input(

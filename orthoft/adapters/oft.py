@@ -66,7 +66,10 @@ class OFTLayer(OrthoLayer):
     def rotations(self, adapter_name: str, training: bool = False) -> torch.Tensor:
         """The adapter's float32 blocks ``(n_blocks, b, b)`` (``n_blocks = 1`` when shared)."""
         config = self.adapter_configs[adapter_name]
-        rot = rotation_from_packed(self.orthoft_oft_Q[adapter_name], **config.rotation_kwargs())
+        packed = self.orthoft_oft_Q[adapter_name]
+        rot = self.cached_for_inference(
+            adapter_name, [packed], lambda: rotation_from_packed(packed, **config.rotation_kwargs())
+        )
         if training and config.module_dropout > 0 and rot.shape[0] == 1:
             # a shared block is dropped per position, not all at once
             b = rot.shape[-1]
