@@ -408,3 +408,30 @@ def test_rotations_are_reused_in_inference_and_rebuilt_after_updates():
     assert rebuilt is not first and not torch.equal(rebuilt, first)
     # training (grad enabled) never reuses a cached rotation
     assert layer.rotations("default") is not rebuilt
+
+
+def test_peft_oft_conv2d_differs_from_the_exact_effective_weight():
+    """Documents why orthoft does not match PEFT on Conv2d with kernel > 1.
+
+    PEFT rotates unfolded stride-1 patches and folds them back by summation, which is not the
+    convolution with ``W R^T``; orthoft convolves with ``W R^T`` exactly (tested above). With
+    the same parameters the two agree only for 1x1 kernels.
+    """
+    torch.manual_seed(0)
+    results = {}
+    for kernel in (1, 3):
+        base = nn.Sequential(nn.Conv2d(4, 6, kernel, padding=kernel // 2))
+        x = torch.randn(2, 4, 8, 8)
+        theirs = get_peft_model(
+            clone(base), peft.OFTConfig(r=0, oft_block_size=2, target_modules=["0"], use_cayley_neumann=True)
+        )
+        ours = get_peft_model(
+            clone(base), orthoft.OFTConfig(block_size=2, target_modules=["0"], neumann_degree=3, max_skew_norm=None)
+        )
+        packed = torch.randn(ours.base_model.model[0].orthoft_oft_Q["default"].shape) * 0.1
+        with torch.no_grad():
+            theirs.base_model.model[0].oft_R["default"].weight.copy_(packed)
+            ours.base_model.model[0].orthoft_oft_Q["default"].copy_(packed)
+        results[kernel] = (ours(x) - theirs(x)).abs().max().item()
+    assert results[1] < 1e-5
+    assert results[3] > 1e-2
