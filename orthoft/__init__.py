@@ -6,6 +6,23 @@
 
 __version__ = "0.1.0"
 
-from .adapters import BOFTConfig, OFTConfig, OrthoConfig, OrthoLayer  # noqa: E402
+from .adapters import (  # noqa: E402
+    BOFTConfig,
+    HRAConfig,
+    OFTConfig,
+    OrthoConfig,
+    OrthoLayer,
+    QGOFTConfig,
+    regularization_loss,
+)
 
-__all__ = ["BOFTConfig", "OFTConfig", "OrthoConfig", "OrthoLayer", "__version__"]
+__all__ = [
+    "BOFTConfig",
+    "HRAConfig",
+    "OFTConfig",
+    "OrthoConfig",
+    "OrthoLayer",
+    "QGOFTConfig",
+    "__version__",
+    "regularization_loss",
+]

@@ -35,6 +35,17 @@ CASES = [
     MethodCase("oft_shared", lambda t: orthoft.OFTConfig(target_modules=t, block_size=4, block_share=True)),
     MethodCase("boft", lambda t: orthoft.BOFTConfig(target_modules=t, block_size=4, n_butterfly_factor=2)),
     MethodCase("boft_m3", lambda t: orthoft.BOFTConfig(target_modules=t, block_size=2, n_butterfly_factor=3)),
+    MethodCase("qgoft", lambda t: orthoft.QGOFTConfig(target_modules=t), orthogonal=False),
+    MethodCase("goft_strict", lambda t: orthoft.QGOFTConfig(target_modules=t, strict=True)),
+    MethodCase(
+        "qgoft_butterfly", lambda t: orthoft.QGOFTConfig(target_modules=t, layout="butterfly"), orthogonal=False
+    ),
+    MethodCase(
+        "goft_butterfly_2layers",
+        lambda t: orthoft.QGOFTConfig(target_modules=t, strict=True, layout="butterfly", num_layers=2),
+    ),
+    MethodCase("hra", lambda t: orthoft.HRAConfig(target_modules=t, r=8)),
+    MethodCase("hra_gs", lambda t: orthoft.HRAConfig(target_modules=t, r=4, apply_GS=True)),
 ]
 
 

@@ -3,13 +3,25 @@
 from .base import OrthoLayer, OrthoTuner, layer_kind
 from .boft import BOFTConfig, BOFTLayer, BOFTModel
 from .config import CayleyConfig, OrthoConfig
+from .hra import HRAConfig, HRALayer, HRAModel
 from .oft import OFTConfig, OFTLayer, OFTModel
+from .qgoft import QGOFTConfig, QGOFTLayer, QGOFTModel
 from .registry import REGISTERED, register_method
+from .regularization import regularization_loss
 
 register_method("ORTHOFT_OFT", OFTConfig, OFTModel)
 register_method("ORTHOFT_BOFT", BOFTConfig, BOFTModel)
+register_method("ORTHOFT_QGOFT", QGOFTConfig, QGOFTModel)
+register_method("ORTHOFT_HRA", HRAConfig, HRAModel)
 
 __all__ = [
+    "HRAConfig",
+    "HRALayer",
+    "HRAModel",
+    "QGOFTConfig",
+    "QGOFTLayer",
+    "QGOFTModel",
+    "regularization_loss",
     "REGISTERED",
     "BOFTConfig",
     "BOFTLayer",
