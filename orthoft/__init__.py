@@ -8,21 +8,27 @@ __version__ = "0.1.0"
 
 from .adapters import (  # noqa: E402
     BOFTConfig,
+    CLOVERConfig,
     HRAConfig,
     OFTConfig,
     OrthoConfig,
     OrthoLayer,
+    PSOFTConfig,
     QGOFTConfig,
+    SVFTConfig,
     regularization_loss,
 )
 
 __all__ = [
     "BOFTConfig",
+    "CLOVERConfig",
     "HRAConfig",
     "OFTConfig",
     "OrthoConfig",
     "OrthoLayer",
+    "PSOFTConfig",
     "QGOFTConfig",
+    "SVFTConfig",
     "__version__",
     "regularization_loss",
 ]

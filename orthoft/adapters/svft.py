@@ -1,0 +1,206 @@
+"""SVFT: a sparse trainable matrix between the frozen singular vectors of W (Lingam et al., NeurIPS 2024)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from .base import OrthoLayer, OrthoTuner
+from .config import OrthoConfig
+from .spectral import canonical_signs, check_rank, principal_factors
+
+PEFT_TYPE = "ORTHOFT_SVFT"
+
+SparsityPattern = Literal["plain", "banded", "random", "top_k"]
+
+
+@dataclass
+class SVFTConfig(OrthoConfig):
+    """SVFT: ``W' = U (S + M) V^T`` with ``W = U S V^T`` frozen and ``M`` a sparse ``n x n`` matrix.
+
+    Only the nonzeros of ``M`` train; they start at 0, so the model equals the base model at init
+    (the reference code starts ``M`` random). The update ``U M V^T`` is added to the untouched
+    base weight, so with a truncated basis (``rank``) the residual ``W - U_r S_r V_r^T`` stays
+    exactly in place (the reference code drops it).
+
+    Cost: the full basis (``n = min(out, in)``) adds two dense products (``x V`` and ``z U^T``) per
+    layer, about 3x the base layer's forward FLOPs; ``rank`` makes it two ``d x r`` products.
+
+    Args:
+        pattern: where ``M`` may be nonzero. ``"plain"``: the diagonal (``n`` params);
+            ``"banded"``: ``|i - j| <= bandwidth``; ``"random"``: ``num_entries`` entries drawn with
+            ``seed``; ``"top_k"``: the ``num_entries`` pairs with the largest ``|u_i . v_j|``
+            (needs a square weight).
+        bandwidth: off-diagonals on each side for ``"banded"``.
+        num_entries: entries of ``M`` for ``"random"``/``"top_k"``; default: as many as ``"banded"``
+            with ``bandwidth`` (the paper's SVFT^R_d convention).
+        rank: keep only the top-``rank`` singular vectors (``None``: the full basis).
+        svd / svd_niter / seed: SVD backend (``"full"`` or seeded ``"lowrank"``, the latter needs
+            ``rank``); ``seed`` also drives ``"random"``.
+        store_basis: save ``U``, ``V`` with the adapter (exact reload whatever the SVD does) or
+            recompute them from the frozen base weight on load (signs made canonical; exact on the
+            same software and device). ``None``: store a truncated basis, recompute a full one
+            (storing it would make the checkpoint twice the size of the adapted weights).
+        Plus the common options of ``OrthoConfig``.
+    """
+
+    pattern: SparsityPattern = field(default="banded")
+    bandwidth: int = field(default=2)
+    num_entries: int | None = field(default=None)
+    rank: int | None = field(default=None)
+    svd: Literal["full", "lowrank"] = field(default="full")
+    svd_niter: int = field(default=10)
+    seed: int = field(default=0)
+    store_basis: bool | None = field(default=None)
+
+    method_prefix = "svft"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.pattern not in ("plain", "banded", "random", "top_k"):
+            raise ValueError(
+                f"SVFTConfig: pattern {self.pattern!r} is unknown. "
+                "Fix: use 'plain', 'banded', 'random' or 'top_k'."
+            )
+        if self.bandwidth < 0:
+            raise ValueError(f"SVFTConfig: bandwidth must be >= 0, got {self.bandwidth}.")
+        self._check_positive(num_entries=self.num_entries, rank=self.rank)
+        if self.svd not in ("full", "lowrank"):
+            raise ValueError(f"SVFTConfig: svd must be 'full' or 'lowrank', got {self.svd!r}.")
+        if self.svd == "lowrank" and self.rank is None:
+            raise ValueError(
+                "SVFTConfig: svd='lowrank' needs a truncated basis. Fix: set rank=... or svd='full'."
+            )
+
+    def stores_basis(self) -> bool:
+        return self.store_basis if self.store_basis is not None else self.rank is not None
+
+
+def banded_indices(n: int, bandwidth: int) -> torch.Tensor:
+    """``(2, k)`` (row, col) pairs with ``|row - col| <= bandwidth``, row-major."""
+    rows = torch.arange(n).repeat_interleave(2 * bandwidth + 1)
+    cols = rows + torch.arange(-bandwidth, bandwidth + 1).repeat(n)
+    keep = (cols >= 0) & (cols < n)
+    return torch.stack([rows[keep], cols[keep]])
+
+
+def banded_count(n: int, bandwidth: int) -> int:
+    """Number of entries of an ``n x n`` band of half-width ``bandwidth``."""
+    b = min(bandwidth, n - 1)
+    return n * (2 * b + 1) - b * (b + 1)
+
+
+def sparsity_indices(
+    pattern: SparsityPattern,
+    n: int,
+    bandwidth: int = 2,
+    num_entries: int | None = None,
+    seed: int = 0,
+    u: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Positions ``(2, k)`` (row, col) of the trainable entries of ``M``, sorted row-major.
+
+    ``u`` (out, n) and ``v`` (in, n) are the singular vectors; ``"top_k"`` needs them with
+    ``out == in`` and picks the pairs ``(i, j)`` with the largest alignment ``|u_i . v_j|``.
+    """
+    if pattern == "plain":
+        diagonal = torch.arange(n)
+        return torch.stack([diagonal, diagonal])
+    if pattern == "banded":
+        return banded_indices(n, bandwidth)
+    k = num_entries if num_entries is not None else banded_count(n, bandwidth)
+    k = min(k, n * n)
+    if pattern == "random":
+        generator = torch.Generator().manual_seed(seed)
+        flat = torch.randperm(n * n, generator=generator)[:k]
+    elif pattern == "top_k":
+        if u is None or v is None or u.shape[0] != v.shape[0]:
+            raise ValueError("SVFT: pattern 'top_k' needs the singular vectors of a square weight.")
+        alignment = (u.float().T @ v.float()).abs()  # (n, n): entry (i, j) is |u_i . v_j|
+        flat = torch.topk(alignment.flatten().cpu(), k).indices
+    else:
+        raise ValueError(f"SVFT: unknown pattern {pattern!r}")
+    flat = flat.sort().values
+    return torch.stack([flat // n, flat % n])
+
+
+class SVFTLayer(OrthoLayer):
+    method_name = "SVFT"
+    additive = True
+    adapter_layer_names = ("orthoft_svft_values",)
+    other_param_names = ("adapter_configs", "orthoft_svft_U", "orthoft_svft_V", "orthoft_svft_index")
+    optimizer_views = {"orthoft_svft_values": "vector"}
+
+    def create_adapter(self, adapter_name: str, config: SVFTConfig) -> None:
+        if not hasattr(self, "orthoft_svft_values"):
+            self.orthoft_svft_values = nn.ParameterDict()
+            # persistence is chosen per adapter (register_buffer below), see SVFTConfig.store_basis
+            self.orthoft_svft_U = BufferDict()
+            self.orthoft_svft_V = BufferDict()
+            self.orthoft_svft_index = BufferDict(persistent=True)
+        if config.pattern == "top_k" and self.out_features != self.in_features:
+            raise ValueError(
+                f"SVFT: pattern 'top_k' ranks pairs by |u_i . v_j|, which needs a square weight; "
+                f"{self.module_name} is {self.out_features} x {self.in_features}. "
+                "Fix: use pattern 'banded' or 'random', or exclude non-square modules."
+            )
+        n = min(self.out_features, self.in_features)
+        rank = n if config.rank is None else config.rank
+        check_rank("SVFT", self.module_name, rank, self.out_features, self.in_features)
+        with torch.no_grad():
+            u, _, v = principal_factors(
+                self.dense_base_weight(), rank, config.svd, niter=config.svd_niter, seed=config.seed
+            )
+            u, v = canonical_signs(u, v)
+            # a per-module seed so that "random" layers do not all share one pattern
+            seed = config.seed + zlib.crc32(self.module_name.encode())
+            index = sparsity_indices(config.pattern, rank, config.bandwidth, config.num_entries, seed, u, v)
+        persistent = config.stores_basis()
+        self.orthoft_svft_U.register_buffer(adapter_name, u, persistent=persistent)  # (out, r)
+        self.orthoft_svft_V.register_buffer(adapter_name, v, persistent=persistent)  # (in, r)
+        self.orthoft_svft_index[adapter_name] = index.to(u.device)
+        values = torch.zeros(index.shape[1], device=u.device)
+        if not config.init_weights:
+            nn.init.normal_(values, std=0.1)
+        self.orthoft_svft_values[adapter_name] = nn.Parameter(values)
+
+    def _is_diagonal(self, adapter_name: str) -> bool:
+        return self.adapter_configs[adapter_name].pattern == "plain"
+
+    def sparse_apply(self, adapter_name: str, z: torch.Tensor) -> torch.Tensor:
+        """``z -> z M^T`` on the last dim, from M's nonzeros only (a gather, a product, an index_add)."""
+        values = self.orthoft_svft_values[adapter_name].to(z.dtype)
+        if self._is_diagonal(adapter_name):
+            return z * values
+        rows, cols = self.orthoft_svft_index[adapter_name]
+        contributions = z.index_select(-1, cols) * values  # (..., k): M[i, j] * z[j] for each nonzero
+        return torch.zeros_like(z).index_add_(-1, rows, contributions)
+
+    def adapter_delta_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
+        coords = x.to(dtype) @ self.orthoft_svft_V[adapter_name].to(dtype)  # (..., r) = x V_r
+        return self.sparse_apply(adapter_name, coords) @ self.orthoft_svft_U[adapter_name].to(dtype).T
+
+    def dense_m(self, adapter_name: str) -> torch.Tensor:
+        """``M`` as a dense float32 ``r x r`` matrix (merging and inspection only)."""
+        rank = self.orthoft_svft_U[adapter_name].shape[1]
+        values = self.orthoft_svft_values[adapter_name].float()
+        rows, cols = self.orthoft_svft_index[adapter_name]
+        return values.new_zeros(rank, rank).index_put((rows, cols), values, accumulate=True)
+
+    def adapter_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        u = self.orthoft_svft_U[adapter_name].float()
+        v = self.orthoft_svft_V[adapter_name].float()
+        return (u @ self.dense_m(adapter_name)) @ v.T
+
+
+class SVFTModel(OrthoTuner):
+    prefix = "orthoft_svft_"
+    tuner_layer_cls = SVFTLayer
