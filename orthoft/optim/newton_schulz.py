@@ -162,15 +162,25 @@ def frobenius_normalize(x: torch.Tensor, safety: float = 1.0, eps: float = 1e-7)
     return x / (x.norm(dim=(-2, -1), keepdim=True) * safety + eps)
 
 
-def aol_precondition(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def aol_precondition(
+    x: torch.Tensor, two_sided: bool = False, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """AOL row scaling ``diag(s) x`` with ``s_i = 1/sqrt(sum_j |(x x^T)_ij|)``, and its Gram matrix.
 
     The scaled matrix has spectral norm <= 1 (Gershgorin on the scaled Gram matrix), and it is
     usually much closer to orthogonal than ``x/|x|_F``. The Gram matrix of the scaled matrix is
     ``diag(s) (x x^T) diag(s)``, so the first Newton-Schulz step gets it for free.
+
+    ``two_sided=True`` is for skew-symmetric ``x``: row scaling alone would make it non-skew, so
+    use ``diag(sqrt(s)) x diag(sqrt(s))``, which stays skew and, being normal and similar to
+    ``diag(s) x``, still has spectral norm <= 1. Its Gram matrix is not a rescaled ``x x^T``, so
+    none is returned.
     """
     gram = x @ x.mT
     scale = gram.abs().sum(dim=-1).clamp_min(eps).rsqrt()
+    if two_sided:
+        root = scale.sqrt()
+        return x * root.unsqueeze(-1) * root.unsqueeze(-2), None
     scaled_gram = gram * scale.unsqueeze(-1) * scale.unsqueeze(-2)
     return x * scale.unsqueeze(-1), scaled_gram
 
@@ -193,6 +203,7 @@ def orthogonalize(
     dtype: torch.dtype | None = None,
     coefficients: Sequence[Coefficients] | None = None,
     eps: float = 1e-7,
+    skew: bool = False,
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor ``U V^T`` of each matrix in ``g`` (..., m, n).
 
@@ -203,6 +214,8 @@ def orthogonalize(
         dtype: compute dtype; defaults to bf16 on CUDA and float32 elsewhere.
         coefficients: an explicit per-step schedule, overriding the method's one.
         eps: added to the normalizing norm so a zero matrix maps to zero.
+        skew: the matrices are skew-symmetric; keep the result skew (matters for "turbo" only:
+            odd polynomials keep skew matrices skew, one-sided AOL scaling does not).
 
     Returns a tensor shaped and typed like ``g``.
     """
@@ -227,7 +240,7 @@ def orthogonalize(
 
     gram = None
     if method == "turbo":
-        x, gram = aol_precondition(x)
+        x, gram = aol_precondition(x, two_sided=skew)
     else:
         safety = POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
         x = frobenius_normalize(x, safety=safety, eps=eps)

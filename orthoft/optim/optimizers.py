@@ -171,7 +171,7 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
         self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any], view: str
     ) -> torch.Tensor:
         """The update direction for a ``(B, m, n)`` stack of momentum matrices (Muon: orthogonalize)."""
-        return self.orthogonalize(matrices, group)
+        return self.orthogonalize(matrices, group, skew=view == "skew_packed")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -250,7 +250,7 @@ class NorMuon(OrthogonalizedOptimizer):
     def direction(
         self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any], view: str
     ) -> torch.Tensor:
-        orthogonal = self.orthogonalize(matrices, group).float()
+        orthogonal = self.orthogonalize(matrices, group, skew=view == "skew_packed").float()
         if "row_second_moment" not in state:
             state["row_second_moment"] = orthogonal.new_zeros(orthogonal.shape[:-1])
         row_second_moment = state["row_second_moment"]
@@ -290,7 +290,7 @@ class ROOT(OrthogonalizedOptimizer):
         k = max(1, math.ceil(group["clip_quantile"] * magnitudes.shape[1]))
         threshold = magnitudes.kthvalue(k, dim=1).values.view(-1, 1, 1)
         clipped = torch.maximum(torch.minimum(matrices, threshold), -threshold)
-        return self.orthogonalize(clipped, group)
+        return self.orthogonalize(clipped, group, skew=view == "skew_packed")
 
 
 def cosh_brake(matrices: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
@@ -329,7 +329,8 @@ class HybridAuON(OrthogonalizedOptimizer):
     def direction(
         self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any], view: str
     ) -> torch.Tensor:
-        return cosh_brake(self.orthogonalize(matrices, group).float(), group["gamma"], group["eps"])
+        orthogonal = self.orthogonalize(matrices, group, skew=view == "skew_packed")
+        return cosh_brake(orthogonal.float(), group["gamma"], group["eps"])
 
 
 OPTIMIZERS: dict[str, type[OrthogonalizedOptimizer]] = {
