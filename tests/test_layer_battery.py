@@ -46,6 +46,19 @@ CASES = [
     ),
     MethodCase("hra", lambda t: orthoft.HRAConfig(target_modules=t, r=8)),
     MethodCase("hra_gs", lambda t: orthoft.HRAConfig(target_modules=t, r=4, apply_GS=True)),
+    # additive methods: W + dW, no multiplicative map to check for orthogonality
+    MethodCase("psoft", lambda t: orthoft.PSOFTConfig(target_modules=t, r=4), orthogonal=False),
+    MethodCase(
+        "psoft_exact_lowrank",
+        lambda t: orthoft.PSOFTConfig(target_modules=t, r=6, use_exact_cayley=True, svd="lowrank"),
+        orthogonal=False,
+    ),
+    MethodCase("svft_banded_full", lambda t: orthoft.SVFTConfig(target_modules=t, bandwidth=1), orthogonal=False),
+    MethodCase(
+        "svft_random_rank6",
+        lambda t: orthoft.SVFTConfig(target_modules=t, pattern="random", num_entries=12, rank=6),
+        orthogonal=False,
+    ),
 ]
 
 
