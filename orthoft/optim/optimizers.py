@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from .newton_schulz import METHODS, default_ns_dtype, orthogonalize
-from .views import VECTOR, VIEW_NAMES, get_view
+from .views import VECTOR, VIEW_NAMES, check_view, get_view
 
 UPDATE_SCALES = ("original", "match_rms_adamw", "none")
 AUTO_VIEW = "auto"
@@ -142,6 +142,8 @@ class OrthogonalizedOptimizer(torch.optim.Optimizer):
             if not ok:
                 raise ValueError(message)
         for p in group["params"]:
+            if group["use_muon"] and group["view"] != AUTO_VIEW:
+                check_view(group["view"], p, label=f"parameter of shape {tuple(p.shape)}")
             problem = _sharding_problem(p)
             if problem is not None:
                 raise NotImplementedError(
