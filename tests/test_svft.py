@@ -92,8 +92,9 @@ def test_sparse_application_equals_the_dense_product():
     )
     perturb_adapters(peft_model, 0.1)
     layer = svft_layers(peft_model)[0]
-    z = torch.randn(5, 24)
-    assert torch.allclose(layer.sparse_apply("default", z), z @ layer.dense_m("default").T, atol=1e-6)
+    coords = torch.randn(24, 5)  # features first
+    expected = layer.dense_m("default") @ coords
+    assert torch.allclose(layer.sparse_apply("default", coords), expected, atol=1e-6)
 
 
 def test_truncated_basis_keeps_the_residual_exactly():
