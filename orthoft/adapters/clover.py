@@ -270,8 +270,9 @@ class CLOVERLayer(OrthoLayer):
     # ---- the per-head transforms ----------------------------------------------------------------
     def head_deltas(self, adapter_name: str) -> torch.Tensor:
         """``T_g - I = left_g (S_g - S0_g) right_g`` (float32, (G, dh, dh)); exactly 0 at init."""
-        core = self.orthoft_clover_S[adapter_name]
-        return self.cached_for_inference(adapter_name, [core], lambda: self._build_deltas(adapter_name))
+        tensors = [self.orthoft_clover_S[adapter_name], self.orthoft_clover_S0[adapter_name]]
+        tensors += [self.orthoft_clover_left[adapter_name], self.orthoft_clover_right[adapter_name]]
+        return self.cached_for_inference(adapter_name, tensors, lambda: self._build_deltas(adapter_name))
 
     def _build_deltas(self, adapter_name: str) -> torch.Tensor:
         change = self.orthoft_clover_S[adapter_name].float() - self.orthoft_clover_S0[adapter_name]
