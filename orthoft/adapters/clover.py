@@ -7,11 +7,13 @@ each head of Q and K is factored alone by QR (``W_h = S_h B_h``, ``B_h`` orthono
 GQA (fewer kv heads) the V-O pair is not per head either, so V is factored per kv head and O per
 head by QR.
 
-How it sits in PEFT. The base weights are never replaced. Every factorization above is an exact
-identity ``W_h = L_h^{-1} S0_h R_h^{-1}``-style rewrite, so training ``S`` is the same as applying
-a per-head ``d_head x d_head`` transform ``T_h = I + L_h (S_h - S0_h) R_h`` on the projection's
-output (q, k, v heads) or on the input of O (GQA), with ``L_h``, ``R_h`` small frozen matrices
-and ``S0_h`` the initial core:
+How it sits in PEFT. The base weights are never replaced. The orthonormal bases are fixed
+linear functions of the original weights (e.g. ``B_h = S0_h^{-1} W_h`` for a QR-factored head),
+so a trained core ``S_h`` is the same model as the original projection followed (q, k, v heads)
+or preceded (O under GQA) by a per-head ``d_head x d_head`` transform
+``T_h = I + L_h (S_h - S0_h) R_h``, with ``L_h``, ``R_h`` small frozen matrices (for QR:
+``L = I``, ``R = S0^{-1}``; the joint cases in :func:`joint_value_output`, :func:`joint_query_key`)
+and ``S0_h`` the initial core. The layer applies ``T_h`` to the head's slice of the activations:
 
 * ``T_h = I`` exactly at init (``S_h - S0_h`` is exactly 0), so the model is bitwise the base model;
 * the gradient of ``S_h`` is the one of CLOVER's own parametrization (``L``, ``R`` map the
