@@ -83,15 +83,24 @@ def benches() -> list[Bench]:
             Bench("hra_r8", _optional("HRAConfig", r=8), "peft_hra_r8"),
         ]
     if hasattr(orthoft, "QGOFTConfig"):
-        items.append(Bench("qgoft", _optional("QGOFTConfig")))
+        items += [
+            Bench("qgoft_quasi", _optional("QGOFTConfig")),
+            Bench("goft_strict", _optional("QGOFTConfig", strict=True)),
+        ]
     if hasattr(orthoft, "PSOFTConfig"):
-        if hasattr(peft, "PSOFTConfig"):
-            items.append(Bench("peft_psoft_r64", lambda: peft.PSOFTConfig(r=64, target_modules=TARGETS)))
-        items.append(Bench("psoft_r64", _optional("PSOFTConfig", r=64), "peft_psoft_r64"))
+        items += [
+            Bench("peft_psoft_r64", lambda: peft.PsoftConfig(r=64, target_modules=TARGETS)),
+            Bench("psoft_r64", _optional("PSOFTConfig", r=64), "peft_psoft_r64"),
+        ]
     if hasattr(orthoft, "SVFTConfig"):
         items += [
-            Bench("svft_plain_full", _optional("SVFTConfig"), note="full singular bases: two extra dense products"),
-            Bench("svft_banded_r256", _optional("SVFTConfig", rank=256), note="truncated basis, residual frozen"),
+            Bench("svft_plain_full", _optional("SVFTConfig", pattern="plain"), note="full bases, 2 dense products"),
+            Bench("svft_banded_full", _optional("SVFTConfig", pattern="banded"), note="full bases"),
+            Bench(
+                "svft_banded_r256",
+                _optional("SVFTConfig", pattern="banded", rank=256),
+                note="truncated bases, residual frozen",
+            ),
         ]
     return items
 
