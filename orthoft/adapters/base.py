@@ -54,6 +54,33 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def keep_bnb_4bit_unpacked(module: nn.Module) -> None:
+    """Keep a bitsandbytes ``Linear4bit`` in its standard layout; undo a CPU repack that already happened.
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.48) repacks a Linear4bit weight into a bf16
+    inference layout at its first eval forward without gradients. That layout has no backward
+    (adapter gradients silently stay None in later training steps) and PEFT's dequantization
+    misreads it (merges, exports and SVD-based inits get garbage weights). The undo is exact: the
+    block scales stay the bf16 values the layer has been computing with. Other modules: no-op.
+    """
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    state.original_nested = False  # keep the bf16 scales in use instead of quantizing them a second time
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    # the CPU layout stores the scales transposed, (in / blocksize, out); back to one per block in order
+    state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    weight.data = data
+    weight.quant_state = state
+    if getattr(module, "quant_state", None) is not None:
+        module.quant_state = state
+
+
 SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Conv2d (groups=1), bitsandbytes Linear4bit/Linear8bitLt"
 
 
@@ -90,6 +117,8 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             )
         self.kind = kind
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        if kind == "quantized":
+            keep_bnb_4bit_unpacked(self.get_base_layer())
         base = self.get_base_layer()
         if kind == "conv2d":
             if base.groups != 1:
@@ -354,7 +383,7 @@ class OrthoTuner(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
 
-__all__ = ["OrthoLayer", "OrthoTuner", "layer_kind"]
+__all__ = ["OrthoLayer", "OrthoTuner", "keep_bnb_4bit_unpacked", "layer_kind"]
 
 
 def _divisors(n: int) -> list[int]:
