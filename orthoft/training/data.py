@@ -1,0 +1,228 @@
+"""Examples for the training loop: tokenized once, in memory, with a deterministic batch order.
+
+Three kinds of data:
+
+* plain text (``hamlet``, ``text_file``, ``hf`` with a text field): tokenized as one stream, cut
+  into equal blocks of ``block_size`` tokens; the LAST ``held_out_fraction`` of the blocks is the
+  evaluation set, so no evaluated text was trained on (not even overlapping windows).
+* labelled text (``rotten_tomatoes``, ``hf`` with a label field): one example per row, truncated.
+* instructions (``hf`` with ``prompt_template``/``response_template``): the loss covers only
+  the response tokens.
+
+The batch order is a pure function of (seed, epoch, position), see :class:`BatchPlan`: that is what
+makes ``--resume`` exact without saving a data loader's state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .recipe import DataSection, RecipeError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TaskData:
+    """Tokenized splits. Each example is a dict with ``input_ids`` (list of int) and ``labels``
+    (a list of int per token for language modelling, one int for classification)."""
+
+    kind: str  # "lm" or "classification"
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    test: list[dict[str, Any]] | None = None
+    description: str = ""
+
+
+def build_task_data(section: DataSection, tokenizer: Any, task: str, seed: int) -> TaskData:
+    """Load and tokenize the recipe's data for ``task`` (``causal_lm`` / ``sequence_classification``)."""
+    if section.source == "hamlet":
+        from orthoft.defaults import hamlet_text
+
+        data = _text_blocks(hamlet_text(), section, tokenizer, "Hamlet (embedded)")
+    elif section.source == "text_file":
+        path = Path(section.path or "")
+        if not path.is_file():
+            raise RecipeError(f"data.path: text file {path} does not exist.")
+        data = _text_blocks(path.read_text(encoding="utf-8"), section, tokenizer, str(path))
+    elif section.source == "rotten_tomatoes":
+        from orthoft.defaults import rotten_tomatoes
+
+        splits = rotten_tomatoes(seed)
+        data = TaskData(
+            "classification",
+            train=_classification(splits["train"], section, tokenizer),
+            eval=_classification(splits["validation"], section, tokenizer),
+            test=_classification(splits["test"], section, tokenizer),
+            description="Rotten Tomatoes (embedded, fixed seeded split)",
+        )
+    else:
+        data = _hf_data(section, tokenizer, task, seed)
+    expected = "lm" if task == "causal_lm" else "classification"
+    if data.kind != expected:
+        raise RecipeError(f"data: source {section.source!r} gives {data.kind} examples but model.task is {task!r}.")
+    data.train = data.train[: section.max_train_examples] if section.max_train_examples else data.train
+    data.eval = data.eval[: section.max_eval_examples] if section.max_eval_examples else data.eval
+    if data.test is not None and section.max_test_examples:
+        data.test = data.test[: section.max_test_examples]
+    if not data.train or not data.eval:
+        raise RecipeError(
+            f"data: {data.description} gave {len(data.train)} training and {len(data.eval)} evaluation examples; "
+            "both must be non-empty (lower data.block_size or raise the max_*_examples limits)."
+        )
+    return data
+
+
+def _text_blocks(text: str, section: DataSection, tokenizer: Any, description: str) -> TaskData:
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long text: no length warning
+    size = section.block_size
+    blocks = [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)]
+    if len(blocks) < 2:
+        raise RecipeError(f"data: {description} has {len(ids)} tokens, fewer than two blocks of {size}.")
+    n_eval = max(1, round(len(blocks) * section.held_out_fraction))
+    examples = [{"input_ids": b, "labels": list(b)} for b in blocks]
+    return TaskData(
+        "lm",
+        train=examples[:-n_eval],
+        eval=examples[-n_eval:],
+        description=f"{description}: {len(ids)} tokens, {len(blocks)} blocks of {size}, last {n_eval} held out",
+    )
+
+
+def _classification(rows: list[dict[str, Any]], section: DataSection, tokenizer: Any) -> list[dict[str, Any]]:
+    texts = [row[section.text_field] for row in rows]
+    encoded = tokenizer(texts, truncation=True, max_length=section.max_length)["input_ids"]
+    return [{"input_ids": ids, "labels": int(row[section.label_field])} for ids, row in zip(encoded, rows)]
+
+
+def _instruction(rows: list[dict[str, Any]], section: DataSection, tokenizer: Any) -> list[dict[str, Any]]:
+    examples = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for row in rows:
+        try:
+            prompt = section.prompt_template.format(**row)
+            response = section.response_template.format(**row)
+        except KeyError as err:
+            raise RecipeError(
+                f"data.prompt_template/response_template: field {err} is not in the dataset; its fields: {sorted(row)}."
+            ) from err
+        if section.use_chat_template:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        prompt_ids = tokenizer(prompt, add_special_tokens=not section.use_chat_template)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        ids = (prompt_ids + response_ids)[: section.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: section.max_length]
+        if any(label != IGNORE_INDEX for label in labels):  # a prompt longer than max_length teaches nothing
+            examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def _hf_data(section: DataSection, tokenizer: Any, task: str, seed: int) -> TaskData:
+    try:
+        import datasets
+    except ImportError as err:
+        raise RecipeError("data.source 'hf' needs the `datasets` package: pip install datasets.") from err
+    try:
+        loaded = datasets.load_dataset(section.path, section.hf_config)
+    except Exception as err:  # offline, unknown id, gated: say which and how to fix
+        raise RecipeError(
+            f"data.path: could not load dataset {section.path!r} (config {section.hf_config!r}): {err}. "
+            "It needs the Hugging Face hub (unset HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) or a local copy."
+        ) from err
+    if section.train_split not in loaded:
+        raise RecipeError(f"data.train_split: {section.train_split!r} not in {list(loaded)}.")
+    train_rows = loaded[section.train_split].shuffle(seed=seed)
+    if section.max_train_examples:
+        limit = section.max_train_examples + (0 if section.eval_split else section.eval_size)
+        train_rows = train_rows.select(range(min(limit, len(train_rows))))
+    if section.eval_split:
+        eval_rows = list(loaded[section.eval_split])
+        train_rows = list(train_rows)
+    else:  # hold out the first eval_size shuffled rows
+        rows = list(train_rows)
+        eval_rows, train_rows = rows[: section.eval_size], rows[section.eval_size :]
+    test_rows = list(loaded[section.test_split]) if section.test_split else None
+    if section.max_eval_examples:
+        eval_rows = eval_rows[: section.max_eval_examples]
+    if test_rows is not None and section.max_test_examples:
+        test_rows = test_rows[: section.max_test_examples]
+    description = f"{section.path} ({section.hf_config or 'default'})"
+    if task == "sequence_classification":
+        convert = _classification
+        kind = "classification"
+    elif section.prompt_template is not None:
+        convert = _instruction
+        kind = "lm"
+    else:
+        text = "\n\n".join(row[section.text_field] for row in train_rows + eval_rows)
+        return _text_blocks(text, section, tokenizer, description)
+    return TaskData(
+        kind,
+        train=convert(train_rows, section, tokenizer),
+        eval=convert(eval_rows, section, tokenizer),
+        test=convert(test_rows, section, tokenizer) if test_rows is not None else None,
+        description=description,
+    )
+
+
+def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding for LM)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    token_labels = isinstance(examples[0]["labels"], list)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        if token_labels:
+            labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+    if not token_labels:
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchPlan:
+    """Which examples each process sees in each micro-batch, as a pure function of the position.
+
+    Every epoch is a permutation seeded by ``seed + epoch``; it is cut into global micro-batches
+    of ``batch_size * world_size`` (the incomplete last one is dropped so all processes take the
+    same number of steps) and process ``rank`` takes slice ``rank`` of each. Micro-batch number
+    ``k`` over the whole run is therefore known without iterating, which is what ``--resume`` needs.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, world_size: int, seed: int) -> None:
+        self.num_examples, self.batch_size, self.world_size, self.seed = num_examples, batch_size, world_size, seed
+        self.per_epoch = num_examples // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise RecipeError(
+                f"train.batch_size: {batch_size} x {world_size} processes exceeds the {num_examples} training "
+                "examples; lower the batch size or add data."
+            )
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, micro_batch: int, rank: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_examples, generator=generator)
+        start = (position * self.world_size + rank) * self.batch_size
+        return self._order[start : start + self.batch_size].tolist()
+
+    def epoch_of(self, micro_batch: int) -> float:
+        return micro_batch / self.per_epoch
+
+
+def shard(examples: list[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Process ``rank``'s share of an evaluation set (every example goes to exactly one process)."""
+    return examples[rank::world_size]

@@ -1,0 +1,548 @@
+"""Training recipes: YAML files validated against a dataclass schema before anything heavy loads.
+
+A recipe has the sections ``model``, ``adapter``, ``data``, ``train``, ``optim``, ``eval`` and
+``export`` (plus a free-text ``description``). Every key is checked: an unknown key, a value of
+the wrong type or out of range raises :class:`RecipeError` naming the file, the dotted key, the
+bad value and the valid choices. ``adapter`` takes ``method`` plus the fields of that method's
+config class, looked up by name in ``orthoft.adapters.REGISTERED`` (peft_type ``ORTHOFT_<METHOD>``),
+so a recipe for a method added later validates as soon as its config class is registered.
+
+``--override train.max_steps=10`` style overrides are applied to the raw YAML before validation;
+values are parsed as YAML (``true``, ``1e-3``, ``[q_proj, v_proj]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TASKS = ("causal_lm", "sequence_classification")
+DATA_SOURCES = ("hamlet", "rotten_tomatoes", "text_file", "hf")
+# method names users may write that mean a registered method
+METHOD_ALIASES = {"qoft": "oft", "oftv2": "oft"}
+# PeftConfig fields orthoft sets itself; a recipe may not set them
+RESERVED_ADAPTER_FIELDS = frozenset(
+    {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+)
+
+
+class RecipeError(ValueError):
+    """A recipe file or override is invalid; the message says where and how to fix it."""
+
+
+@dataclass
+class ModelSection:
+    """Which base model to load and how.
+
+    name_or_path: ``smollm2`` / ``minilm`` (embedded defaults, no hub), a local folder, or a hub id.
+    task: ``causal_lm`` or ``sequence_classification`` (then ``num_labels`` is used).
+    tokenizer: tokenizer folder or id when it differs from the model (same shortcuts).
+    from_config: build a randomly initialised model from this transformers config instead of
+        loading weights (``model_type`` plus config fields; tests and smoke runs). ``name_or_path``
+        then only names the run.
+    load_in_4bit / load_in_8bit: bitsandbytes quantization of the frozen base weights.
+    compute_dtype: dtype of the 4-bit matmuls and of unquantized weights; ``auto`` means bfloat16
+        on a GPU that supports it, float16 on other GPUs, float32 on CPU.
+    """
+
+    name_or_path: str
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    num_labels: int = 2
+    tokenizer: str | None = None
+    from_config: dict[str, Any] | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def check(self, where: str) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise RecipeError(f"{where}: set load_in_4bit or load_in_8bit, not both.")
+        _positive(where, num_labels=self.num_labels)
+        if self.from_config is not None and "model_type" not in self.from_config:
+            raise RecipeError(f"{where}.from_config: needs a 'model_type' (e.g. llama, bert).")
+        if self.from_config is not None and (self.load_in_4bit or self.load_in_8bit):
+            raise RecipeError(f"{where}: from_config builds float weights; drop load_in_4bit/load_in_8bit.")
+
+
+@dataclass
+class AdapterSection:
+    """``method`` plus that method's config fields (``target_modules``, ``block_size``, ...)."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peft_type(self) -> str:
+        return f"ORTHOFT_{canonical_method(self.method).upper()}"
+
+
+@dataclass
+class DataSection:
+    """Where the examples come from and how they become token sequences.
+
+    source: ``hamlet`` (embedded text), ``rotten_tomatoes`` (embedded labelled snippets),
+        ``text_file`` (``path`` to a UTF-8 file) or ``hf`` (``path`` = a ``datasets`` id; needs the hub).
+    block_size: tokens per training sequence for plain text (the text is cut into equal blocks).
+    held_out_fraction: plain text: last fraction of the blocks kept out of training (perplexity).
+    max_length: truncation length of labelled / instruction examples.
+    prompt_template / response_template: instruction data: ``str.format`` templates over a row's
+        fields; the loss covers only the response tokens.
+    use_chat_template: wrap prompt/response with the tokenizer's chat template (instruct models).
+    eval_size: number of examples taken from train for validation when the source has no eval split.
+    """
+
+    source: Literal["hamlet", "rotten_tomatoes", "text_file", "hf"]
+    path: str | None = None
+    hf_config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    test_split: str | None = None
+    eval_size: int = 500
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_template: str | None = None
+    response_template: str | None = None
+    use_chat_template: bool = False
+    block_size: int = 128
+    held_out_fraction: float = 0.1
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_test_examples: int | None = None
+
+    def check(self, where: str) -> None:
+        _positive(where, block_size=self.block_size, max_length=self.max_length, eval_size=self.eval_size)
+        _positive(
+            where,
+            max_train_examples=self.max_train_examples,
+            max_eval_examples=self.max_eval_examples,
+            max_test_examples=self.max_test_examples,
+        )
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise RecipeError(f"{where}.held_out_fraction: must be in (0, 1), got {self.held_out_fraction}.")
+        if self.source in ("text_file", "hf") and not self.path:
+            raise RecipeError(f"{where}.path: source {self.source!r} needs a path (a file or a datasets id).")
+        if (self.prompt_template is None) != (self.response_template is None):
+            raise RecipeError(f"{where}: set both prompt_template and response_template, or neither.")
+
+
+@dataclass
+class TrainSection:
+    """The optimisation loop. Steps are optimizer steps (after gradient accumulation).
+
+    batch_size is per process; the global batch is ``batch_size * gradient_accumulation_steps * processes``.
+    mixed_precision ``auto``: bf16 on GPUs that support it, fp16 on other GPUs, none on CPU.
+    eval_every / save_every: 0 means only at the end.
+    kill_after_step: testing hook; the process SIGKILLs itself right after this step (after its
+        checkpoint, if one is due), to test ``--resume``.
+    """
+
+    output_dir: str | None = None
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    kill_after_step: int | None = None
+
+    def check(self, where: str) -> None:
+        _positive(
+            where,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            log_every=self.log_every,
+            keep_checkpoints=self.keep_checkpoints,
+            max_grad_norm=self.max_grad_norm,
+            kill_after_step=self.kill_after_step,
+        )
+        _non_negative(where, warmup_steps=self.warmup_steps, eval_every=self.eval_every, save_every=self.save_every)
+        if self.warmup_steps >= self.max_steps and self.lr_scheduler != "constant":
+            raise RecipeError(
+                f"{where}.warmup_steps: {self.warmup_steps} leaves no step after warmup (max_steps "
+                f"{self.max_steps}); lower it."
+            )
+
+
+@dataclass
+class OptimSection:
+    """Optimizer from ``orthoft.optim.build_optimizer``.
+
+    name: ``adamw`` or an orthogonalized optimizer (``muon``, ``normuon``, ``turbomuon``, ``root``,
+        ``auon``, ``hybridauon``). lr: learning rate of the adapter tensors. adamw_lr: of the
+        parameters that fall back to AdamW (vectors, classifier heads; default ``lr``).
+    options: extra keyword arguments for the optimizer (``momentum``, ``ns_steps``, ``betas`` ...).
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adamw_lr: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        _positive(where, lr=self.lr, adamw_lr=self.adamw_lr)
+        _non_negative(where, weight_decay=self.weight_decay)
+        valid = optimizer_names()
+        key = self.name.lower().replace("-", "").replace("_", "")
+        if key not in valid:
+            hint = "" if "muon" in valid else " (orthoft.optim is not available, so only adamw works)"
+            raise RecipeError(f"{where}.name: unknown optimizer {self.name!r}; valid: {sorted(valid)}{hint}.")
+
+
+@dataclass
+class EvalSection:
+    """Evaluation during and after training.
+
+    metrics: names of modules in ``eval/metrics`` (default: perplexity for causal LMs, accuracy and
+        f1 for classification). eval_before: also evaluate the untrained adapter (step 0).
+    generate_prompt: causal LMs: print a greedy continuation of this prompt before and after.
+    orthogonality: write per-layer orthogonality diagnostics of the trained adapter.
+    """
+
+    metrics: list[str] | None = None
+    eval_before: bool = True
+    batch_size: int | None = None
+    max_batches: int | None = None
+    generate_prompt: str | None = None
+    max_new_tokens: int = 48
+    orthogonality: bool = True
+
+    def check(self, where: str) -> None:
+        _positive(where, batch_size=self.batch_size, max_batches=self.max_batches, max_new_tokens=self.max_new_tokens)
+        known = ("accuracy", "f1", "perplexity")
+        for name in self.metrics or []:
+            if name not in known:
+                raise RecipeError(f"{where}.metrics: unknown metric {name!r}; shipped metrics: {list(known)}.")
+
+
+@dataclass
+class ExportSection:
+    """Merged export after training through ``orthoft.export.export_merged`` (skipped if absent)."""
+
+    enabled: bool = False
+    output_dir: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: str | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    adapter: AdapterSection
+    data: DataSection
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    description: str = ""
+    source_path: str | None = None  # the file it came from (not a YAML key)
+
+    def metrics(self) -> list[str]:
+        if self.eval.metrics is not None:
+            return list(self.eval.metrics)
+        return ["perplexity"] if self.model.task == "causal_lm" else ["accuracy", "f1"]
+
+    def output_dir(self) -> Path:
+        if self.train.output_dir:
+            return Path(self.train.output_dir)
+        stem = Path(self.source_path).stem if self.source_path else "run"
+        return Path("runs") / stem
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as YAML-ready data (what ``load_recipe`` accepts), e.g. to save next to a run."""
+        data: dict[str, Any] = {"description": self.description} if self.description else {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if name == "adapter":
+                data[name] = {"method": section.method, **section.options}
+            else:
+                data[name] = dataclasses.asdict(section)
+        return data
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "adapter": AdapterSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "optim": OptimSection,
+    "eval": EvalSection,
+    "export": ExportSection,
+}
+REQUIRED_SECTIONS = ("model", "adapter", "data")
+
+
+# ---- public entry points ----------------------------------------------------------------------
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError with the file and key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {path} does not exist. Recipes shipped with orthoft are in recipes/.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    return recipe_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate already-parsed recipe data (``source`` names it in errors)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(raw).__name__}.")
+    raw = apply_overrides(raw, overrides or [], source)
+    valid_top = [*SECTIONS, "description"]
+    for key in raw:
+        if key not in valid_top:
+            raise RecipeError(f"{source}: unknown key {key!r}. Valid top-level keys: {valid_top}.")
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise RecipeError(f"{source}: missing section {name!r} (required: {list(REQUIRED_SECTIONS)}).")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: section {name!r} must be a mapping, got {value!r}.")
+        if name == "adapter":
+            sections[name] = _build_adapter(value, source)
+        else:
+            sections[name] = _build_section(cls, value, f"{source}: {name}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise RecipeError(f"{source}: description must be a string.")
+    recipe = Recipe(**sections, description=description, source_path=source)
+    _check_cross_section(recipe, source)
+    return recipe
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) to a copy of the raw recipe."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise RecipeError(
+                f"--override {item!r}: expected SECTION.KEY=VALUE, e.g. train.max_steps=10 or adapter.block_size=16."
+            )
+        section, key = parts
+        if section not in SECTIONS:
+            raise RecipeError(f"--override {item!r}: unknown section {section!r}; valid: {list(SECTIONS)}.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--override {item!r}: value is not valid YAML: {err}") from err
+        target = raw.setdefault(section, {}) or {}
+        if not isinstance(target, dict):
+            raise RecipeError(f"{source}: section {section!r} must be a mapping before overriding {key!r}.")
+        raw[section] = {**target, key: value}
+    return raw
+
+
+def canonical_method(method: str) -> str:
+    name = method.strip().lower()
+    return METHOD_ALIASES.get(name, name)
+
+
+def registered_methods() -> dict[str, type]:
+    """Method name (``oft``, ``boft``, ...) -> config class, for every method registered now."""
+    from orthoft.adapters import REGISTERED
+
+    return {peft_type.removeprefix("ORTHOFT_").lower(): config for peft_type, (config, _) in REGISTERED.items()}
+
+
+def method_config_class(method: str, where: str = "adapter.method") -> type:
+    """The config class registered for ``method``; RecipeError naming the registered ones if absent."""
+    methods = registered_methods()
+    name = canonical_method(method)
+    if name not in methods:
+        raise RecipeError(
+            f"{where}: no orthoft method {method!r} is registered (looked up peft_type "
+            f"ORTHOFT_{name.upper()} in orthoft.adapters.REGISTERED). Registered methods: {sorted(methods)}. "
+            "If the method is new, its config class must be registered by orthoft.adapters first."
+        )
+    return methods[name]
+
+
+def adapter_fields(config_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls) if f.init and f.name not in RESERVED_ADAPTER_FIELDS}
+
+
+def optimizer_names() -> set[str]:
+    """Optimizer names a recipe may use: adamw always, the orthogonalized ones when orthoft.optim exists."""
+    try:
+        from orthoft.optim.optimizers import OPTIMIZERS
+    except ImportError:
+        return {"adamw"}
+    return {"adamw", *OPTIMIZERS}
+
+
+# ---- validation helpers -----------------------------------------------------------------------
+def _build_adapter(value: dict[str, Any], source: str) -> AdapterSection:
+    where = f"{source}: adapter"
+    if "method" not in value:
+        raise RecipeError(f"{where}: missing key 'method' (one of {sorted(registered_methods())}).")
+    method = value["method"]
+    if not isinstance(method, str):
+        raise RecipeError(f"{where}.method: expected a method name string, got {method!r}.")
+    config_cls = method_config_class(method, f"{where}.method")
+    fields_by_name = adapter_fields(config_cls)
+    options = {k: v for k, v in value.items() if k != "method"}
+    for key in options:
+        if key not in fields_by_name:
+            raise RecipeError(
+                f"{where}: unknown key {key!r} for method {method!r} ({config_cls.__name__}). "
+                f"Valid keys: {['method', *sorted(fields_by_name)]}."
+            )
+    hints = _type_hints(config_cls)
+    for key, val in options.items():
+        options[key] = _check_type(val, hints.get(key, Any), f"{where}.{key}")
+    try:
+        config_cls(**options)  # its __post_init__ checks ranges and combinations
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: invalid options for {config_cls.__name__}: {err}") from err
+    return AdapterSection(method=canonical_method(method), options=options)
+
+
+def _build_section(cls: type, value: dict[str, Any], where: str) -> Any:
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields_by_name:
+            raise RecipeError(f"{where}: unknown key {key!r}. Valid keys: {sorted(fields_by_name)}.")
+    hints = _type_hints(cls)
+    kwargs = {}
+    for name, f in fields_by_name.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in value:
+            if required:
+                raise RecipeError(f"{where}: missing required key {name!r}.")
+            continue
+        kwargs[name] = _check_type(value[name], hints[name], f"{where}.{name}")
+    section = cls(**kwargs)
+    if hasattr(section, "check"):
+        section.check(where)
+    return section
+
+
+def _check_cross_section(recipe: Recipe, source: str) -> None:
+    task, data = recipe.model.task, recipe.data
+    if task == "sequence_classification" and data.source == "hamlet":
+        raise RecipeError(f"{source}: data.source 'hamlet' is plain text; model.task must be causal_lm.")
+    if task == "causal_lm" and data.source == "rotten_tomatoes":
+        raise RecipeError(
+            f"{source}: data.source 'rotten_tomatoes' is labelled; use model.task sequence_classification."
+        )
+    if task == "causal_lm" and any(m in ("accuracy", "f1") for m in recipe.metrics()):
+        raise RecipeError(f"{source}: eval.metrics accuracy/f1 need model.task sequence_classification.")
+    if task == "sequence_classification" and "perplexity" in recipe.metrics():
+        raise RecipeError(f"{source}: eval.metrics perplexity needs model.task causal_lm.")
+
+
+def _positive(where: str, **values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise RecipeError(f"{where}.{name}: must be > 0, got {value}.")
+
+
+def _non_negative(where: str, **values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise RecipeError(f"{where}.{name}: must be >= 0, got {value}.")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            try:
+                hints.update(typing.get_type_hints(klass))
+            except (NameError, TypeError):  # an annotation we cannot resolve: accept any value there
+                hints.update({name: Any for name in getattr(klass, "__annotations__", {})})
+    return hints
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """``value`` if it fits annotation ``tp`` (ints widen to float), else RecipeError."""
+    ok, converted = _fits(value, tp)
+    if not ok:
+        raise RecipeError(f"{where}: expected {_describe(tp)}, got {value!r} ({type(value).__name__}).")
+    return converted
+
+
+def _fits(value: Any, tp: Any) -> tuple[bool, Any]:
+    if tp is Any or tp is object:
+        return True, value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        # compare types too: YAML's true must not match a Literal 1
+        return any(value == choice and type(value) is type(choice) for choice in args), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, converted = _fits(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        # YAML 1.1 reads "1e-3" (no dot) as a string
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, set, tuple) or tp in (list, set, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        inner = args[0] if args else Any
+        items = [_fits(v, inner) for v in value]
+        return all(ok for ok, _ in items), [c for _, c in items]
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value  # an annotation we do not model: let the config class judge
