@@ -345,6 +345,13 @@ class OrthoTuner(BaseTuner):
     tuner_layer_cls: type[OrthoLayer]
     target_module_mapping: dict[str, list[str]] = {}
 
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
+        super()._prepare_model(peft_config, model)
+        # gradients reach the adapters through unadapted 4-bit layers too: none may use the bf16 CPU
+        # layout, which has no backward (see keep_bnb_4bit_unpacked)
+        for module in model.modules():
+            keep_bnb_4bit_unpacked(module)
+
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
             from peft.utils import TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING
