@@ -53,6 +53,7 @@ UNET_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "projection": ("proj_in", "proj_out"),
     "resnet": ("conv1", "conv2", "conv_shortcut"),
     "time": ("time_emb_proj",),
+    "patch_embedding": ("pos_embed.proj",),  # DiT / PixArt patchify Conv2d (kernel = stride = patch size)
 }
 
 
@@ -94,12 +95,15 @@ def load_text_encoder(path: str | Path | None = None) -> tuple[Any, torch.nn.Mod
 
 
 def build_tiny_pipeline(
-    seed: int = 0, unet: UNet2DConditionModel | None = None, text_encoder_path: str | Path | None = None
+    seed: int = 0,
+    unet: UNet2DConditionModel | None = None,
+    text_encoder_path: str | Path | None = None,
+    image_size: int = 16,
 ) -> IFPipeline:
-    """A pixel-space ``IFPipeline`` with MiniLM and the tiny UNet (random unless ``unet`` is given)."""
+    """A pixel-space ``IFPipeline`` with MiniLM and the tiny UNet (random from ``seed`` unless ``unet`` is given)."""
     tokenizer, text_encoder = load_text_encoder(text_encoder_path)
     if unet is None:
-        unet = build_tiny_unet(seed, cross_attention_dim=text_encoder.config.hidden_size)
+        unet = build_tiny_unet(seed, sample_size=image_size, cross_attention_dim=text_encoder.config.hidden_size)
     elif unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise ValueError(
             f"build_tiny_pipeline: the UNet's cross_attention_dim {unet.config.cross_attention_dim} does not match the "

@@ -13,6 +13,7 @@ Pixel-space (tiny IF-style) and latent (Stable Diffusion) pipelines share one co
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -361,6 +362,8 @@ def generate(
     and "after" grids, or a saved and a reloaded pipeline, compare image by image.
     """
     device = pipeline.unet.device
+    # IF pipelines default to clean_caption=True, which needs bs4/ftfy only to warn and skip it
+    extra = {"clean_caption": False} if "clean_caption" in inspect.signature(pipeline.__call__).parameters else {}
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -372,6 +375,7 @@ def generate(
             guidance_scale=guidance_scale,
             generator=generators,
             output_type="pt",
+            **extra,
         ).images
         if is_latent_pipeline(pipeline):
             out = out * 2 - 1
