@@ -48,16 +48,18 @@ def tiny_llama_config():
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A saved tiny Llama (random init, fixed seed) that tests load with BitsAndBytesConfig."""
+def save_tiny_llama(folder):
+    """Save a tiny Llama (random init, fixed seed) to ``folder`` for tests to load with BitsAndBytesConfig."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def load_quantized(folder, quantization: str = "nf4-double", device: str = "cpu", prepare: bool = True) -> nn.Module:
