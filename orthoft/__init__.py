@@ -18,6 +18,7 @@ from .adapters import (  # noqa: E402
     SVFTConfig,
     regularization_loss,
 )
+from .export import export_merged  # noqa: E402
 
 __all__ = [
     "BOFTConfig",
@@ -30,5 +31,6 @@ __all__ = [
     "QGOFTConfig",
     "SVFTConfig",
     "__version__",
+    "export_merged",
     "regularization_loss",
 ]
