@@ -176,6 +176,22 @@ def test_requantized_export_keeps_4bit_and_reports_its_error(tiny_llama_dir, tmp
     print("requantized nf4 export, tiny Llama OFT:", report.export_error, report.requantization_error)
 
 
+def test_int8_export_differs_only_by_the_int8_kernel(tiny_llama_dir, tmp_path):
+    """Linear8bitLt quantizes activations in its forward; the export's gap is that kernel's, not the merge's."""
+    torch.manual_seed(0)
+    untrained = get_peft_model(load_quantized(tiny_llama_dir, "int8"), method_config("ORTHOFT_OFT"))
+    kernel_noise = export_merged(untrained, tmp_path / "identity", dtype="fp32").merge_error["max_abs"]
+    torch.manual_seed(0)
+    model = get_peft_model(load_quantized(tiny_llama_dir, "int8"), method_config("ORTHOFT_OFT"))
+    train_steps(model, torch.randint(0, 128, (2, 16)))
+    report = export_merged(model, tmp_path / "trained", dtype="fp32")
+    assert 0 < kernel_noise and report.merge_error["max_abs"] < 3 * kernel_noise, (kernel_noise, report.merge_error)
+    requantized = export_merged(model, tmp_path / "int8", quantization="base")
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+    assert "int8" in (tmp_path / "int8" / "README.md").read_text()
+    assert requantized.requantization_error is not None
+
+
 # ---- combining adapters -----------------------------------------------------------------------------
 
 
