@@ -35,6 +35,18 @@ NOT_APPLICABLE: dict[str, str] = {
         "head metadata; diffusers attention on Conv2d feature maps is out of its scope (Conv2d is unsupported)"
     ),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these models are tiny: with several threads on a shared 2-core machine the forward passes
+    # were measured ~300x slower (thread oversubscription), so pin one thread for this module
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 UNET_GROUPS = ("attention", "feedforward", "projection", "resnet")
 DIT_GROUPS = ("attention", "feedforward", "patch_embedding")
 
@@ -74,7 +86,9 @@ def method_params():
             marks = []
             if peft_type in NOT_APPLICABLE:
                 marks = [pytest.mark.skip(reason=f"{peft_type}: {NOT_APPLICABLE[peft_type]}")]
-            yield pytest.param(peft_type, model_name, id=f"{peft_type.removeprefix('ORTHOFT_').lower()}-{model_name}", marks=marks)
+            yield pytest.param(
+                peft_type, model_name, id=f"{peft_type.removeprefix('ORTHOFT_').lower()}-{model_name}", marks=marks
+            )
 
 
 def wrap(peft_type: str, model_name: str):
