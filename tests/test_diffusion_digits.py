@@ -154,3 +154,14 @@ def test_orthogonal_adaptation_concepts_merge_and_interference(tmp_path, base_di
     # equal (measured: ratio 0.9-1.2 on this model), since inputs outside a concept's span still meet the others
     assert report["ratios_to_orthogonal"]["independent"]["denoiser_interference"] < 1.5
     assert Image.open(report["concepts_png"]).height > 0
+
+
+def test_cli_subcommand_parses():
+    import argparse
+
+    from orthoft.diffusion import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["diffusion", "concepts", "recipes/diffusion-digits-concepts.yaml", "--base", "saved"])
+    assert args.diffusion_command == "concepts" and args.base == "saved" and callable(args.func)
