@@ -180,3 +180,12 @@ def test_butterfly_mixes_wider_span_than_one_block():
     # m factors reach b * 2^(m-1) = 16 coordinates: blocks of 16 are full, nothing leaks across
     assert (dense[:16, :16].abs() > 0).float().mean() > 0.9
     assert dense[:16, 16:].abs().max() < 1e-7
+
+
+def test_packing_first_used_in_inference_mode_still_trains():
+    b = 11  # a size no other test touched, so the index cache is filled under inference_mode
+    with torch.inference_mode():
+        unpack_skew(torch.randn(2, packed_size(b)))
+    packed = torch.randn(2, packed_size(b), requires_grad=True)
+    cayley_neumann(unpack_skew(packed)).sum().backward()
+    assert packed.grad is not None

@@ -28,7 +28,9 @@ def block_size_from_packed(length: int) -> int:
 
 @lru_cache(maxsize=64)
 def _upper_indices(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(block_size, block_size, 1)
+    # cached tensors must not be inference tensors, or later training at this size could not save them
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(block_size, block_size, 1)
     return rows, cols
 
 
