@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("orthoft.training", "orthoft.evaluation", "orthoft.export")
+COMMAND_MODULES = ("orthoft.training", "orthoft.evaluation", "orthoft.export", "orthoft.diffusion")
 
 
 def build_parser() -> argparse.ArgumentParser:
