@@ -28,8 +28,11 @@ pytest: $(STAMP)
 
 test: lint pytest
 
+# the default job: QOFT on SmolLM2-135M (4-bit) with Hamlet, CPU, a few minutes; see README.md.
+# PASSIVE: OpenMP threads sleep instead of spinning at barriers; on a CPU shared with other
+# processes the many small adapter ops otherwise run up to 100x slower.
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/orthoft train recipes/smollm2-qoft.yaml --overwrite
 
 bench: $(STAMP)
 	$(BIN)/python eval/bench_layers.py

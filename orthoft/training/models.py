@@ -113,8 +113,10 @@ def is_quantized(model: nn.Module) -> bool:
 def adapter_config(section: AdapterSection, task: str, name_or_path: str) -> Any:
     """The method's config object from the recipe's adapter section."""
     config_cls = method_config_class(section.method)
+    # record a loadable base: the embedded shortcuts become their folders (export and eval reload from it)
+    base = resolve_path(name_or_path) if name_or_path.lower() in ("smollm2", "minilm") else name_or_path
     try:
-        return config_cls(**section.options, task_type=TASK_TYPES[task], base_model_name_or_path=name_or_path)
+        return config_cls(**section.options, task_type=TASK_TYPES[task], base_model_name_or_path=base)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"adapter: invalid options for {config_cls.__name__}: {err}") from err
 
