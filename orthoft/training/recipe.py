@@ -314,7 +314,10 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | 
     valid_top = [*SECTIONS, "description"]
     for key in raw:
         if key not in valid_top:
-            raise RecipeError(f"{source}: unknown key {key!r}. Valid top-level keys: {valid_top}.")
+            hint = ""
+            if {"base", "subject"} & raw.keys() or Path(source).name.startswith("diffusion-"):
+                hint = f" This looks like a diffusion recipe: run it with `orthoft diffusion train {source}`."
+            raise RecipeError(f"{source}: unknown key {key!r}. Valid top-level keys: {valid_top}.{hint}")
     for name in REQUIRED_SECTIONS:
         if name not in raw:
             raise RecipeError(f"{source}: missing section {name!r} (required: {list(REQUIRED_SECTIONS)}).")
