@@ -26,11 +26,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import peft
-import torch
-from torch import nn
+# Spinning OpenMP barriers make small batched matmuls ~100x slower when another process shares the
+# cores; must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import orthoft
+import peft  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import orthoft  # noqa: E402
 
 
 @dataclass
