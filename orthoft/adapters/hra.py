@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..orthogonal import apply_householder, apply_subspace_reflection, normalized_gram_penalty, orthonormal_basis
+from ..orthogonal import (
+    apply_householder,
+    apply_subspace_reflection,
+    householder_wy_right,
+    normalized_gram_penalty,
+    orthonormal_basis,
+)
 from .base import OrthoLayer, OrthoTuner
 from .config import OrthoConfig
 
@@ -87,14 +93,23 @@ class HRALayer(OrthoLayer):
         self, adapter_name: str, x: torch.Tensor, transpose: bool = False, training: bool = False
     ) -> torch.Tensor:
         # x T with T = H^T maps each input row by H (effective weight W H); x T^T maps it by H^T
-        u = self.orthoft_hra_U[adapter_name].float()
+        param = self.orthoft_hra_U[adapter_name]
+        u = param.float()
         if not self.adapter_configs[adapter_name].apply_GS:
-            return apply_householder(x, u, transpose=transpose)
+            right = self.cached_for_inference(
+                f"{adapter_name}/{transpose}", [param], lambda: householder_wy_right(u, transpose)
+            )
+            return apply_householder(x, u, transpose=transpose, right=right)
+        reflections = self.cached_for_inference(adapter_name, [param], lambda: self._gs_bases(u))
         # rows by H = (I - 2 Qa Qa^T)(I - 2 Qb Qb^T): the Qb reflection acts first, Qa first for H^T
-        reflections = [orthonormal_basis(part) for part in (u[:, 0::2], u[:, 1::2]) if part.shape[1]]
         for q in reflections if transpose else reversed(reflections):
             x = apply_subspace_reflection(x, q)
         return x
+
+    @staticmethod
+    def _gs_bases(u: torch.Tensor) -> list[torch.Tensor]:
+        """Orthonormal bases of the odd and the even columns of ``u`` (``apply_GS``)."""
+        return [orthonormal_basis(part) for part in (u[:, 0::2], u[:, 1::2]) if part.shape[1]]
 
     def regularization_loss(self, adapter_name: str) -> torch.Tensor | None:
         """``reg_lambda * |I - Uhat^T Uhat|_F``, ``Uhat`` the column-normalized ``U`` (0-d float32).

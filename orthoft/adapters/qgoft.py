@@ -108,7 +108,8 @@ class QGOFTLayer(OrthoLayer):
     def blocks(self, adapter_name: str) -> torch.Tensor:
         """Float32 2x2 blocks of every pair, ``(num_pairs, 2, 2)``, in ``orthogonal.givens`` order."""
         if adapter_name in self.orthoft_qgoft_angles:
-            return angles_to_blocks(self.orthoft_qgoft_angles[adapter_name].float())
+            angles = self.orthoft_qgoft_angles[adapter_name]
+            return self.cached_for_inference(adapter_name, [angles], lambda: angles_to_blocks(angles.float()))
         return self.orthoft_qgoft_blocks[adapter_name].float()
 
     def transform_input(

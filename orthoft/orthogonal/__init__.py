@@ -30,6 +30,7 @@ from .householder import (
     apply_subspace_reflection,
     householder_matrix,
     householder_wy_factor,
+    householder_wy_right,
     normalized_gram_penalty,
     orthonormal_basis,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "givens_plan",
     "householder_matrix",
     "householder_wy_factor",
+    "householder_wy_right",
     "identity_blocks",
     "invert_blocks",
     "max_givens_layers",

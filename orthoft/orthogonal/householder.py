@@ -29,19 +29,27 @@ def householder_wy_factor(u: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(t, eye, upper=True)
 
 
-def apply_householder(x: torch.Tensor, u: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def householder_wy_right(u: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``M`` (``r x d``) with ``x @ H^T = x - (x @ U) @ M`` (``x @ H`` with ``transpose``): ``K^T U^T`` or ``K U^T``."""
+    k = householder_wy_factor(u)
+    return (k if transpose else k.mT) @ u.mT
+
+
+def apply_householder(
+    x: torch.Tensor, u: torch.Tensor, transpose: bool = False, right: torch.Tensor | None = None
+) -> torch.Tensor:
     """Map every row of ``x`` by ``H`` (``H^T`` with ``transpose``), i.e. ``x @ H^T`` (``x @ H``).
 
     Row-wise, ``H`` applies the reflection of ``u_r`` first and ``u_1`` last; ``H^T = H_r ... H_1``
-    the other way round. ``u`` (``d x r``) is used in float32-or-better and cast to ``x``'s dtype
-    for the two GEMMs.
+    the other way round. ``right`` is :func:`householder_wy_right` of ``(u, transpose)`` when the
+    caller already has it (e.g. cached for inference). ``u`` and ``right`` are cast to ``x``'s dtype
+    for the two GEMMs, after the ``r x r`` work in ``u``'s dtype.
     """
     _check_shapes(x, u)
-    k = householder_wy_factor(u)
-    coeff = k.mT if not transpose else k
-    # (x U) K^T U^T: the r x d product K^T U^T is formed first since r << rows in practice
-    right = (coeff @ u.mT).to(x.dtype)
-    return x - (x @ u.to(x.dtype)) @ right
+    if right is None:
+        right = householder_wy_right(u, transpose)
+    # (x U) M with M = K^T U^T formed once: r << rows in practice
+    return x - (x @ u.to(x.dtype)) @ right.to(x.dtype)
 
 
 def apply_householder_sequential(x: torch.Tensor, u: torch.Tensor, transpose: bool = False) -> torch.Tensor:
