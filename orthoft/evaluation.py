@@ -21,7 +21,8 @@ inputs ``x -> x R``):
 ``OFTLayer.rotations(adapter)`` (eigenvalues per block; the union is the spectrum of the block-diagonal);
 other multiplicative layers give the dense map as ``layer.transform_input(adapter, I)`` (skipped
 above ``max_dense_dim`` features, eigenvalues only up to ``max_eig_dim``). Layers with an output
-scale also report ``max |s - 1|``. Additive methods (``W + dW``) report ``|dW|_F / |W|_F``.
+scale also report ``max |s - 1|``. Additive methods (``W + dW``) and layers without an input-side
+map (CLOVER's per-head cores) report the relative weight change ``|W' - W|_F / |W|_F``.
 """
 
 from __future__ import annotations
@@ -234,10 +235,13 @@ def orthogonality_report(model: nn.Module, max_dense_dim: int = 4096, max_eig_di
             if not module._has_adapter(adapter):
                 continue
             entry: dict[str, Any] = {"layer": name, "adapter": adapter, "method": module.method_name}
-            if module.additive:
+            # no input-side map to inspect (additive methods, CLOVER's per-head cores): report how far W moved
+            input_side = type(module).transform_input is not OrthoLayer.transform_input
+            if module.additive or not input_side:
                 base = module.dense_base_weight()
-                delta = module.adapter_delta_weight(adapter).float()
-                entry.update(kind="additive", relative_delta=float(delta.norm() / base.norm().clamp_min(1e-12)))
+                delta = module.get_delta_weight(adapter).float()
+                kind = "additive" if module.additive else "reparametrized"
+                entry.update(kind=kind, relative_delta=float(delta.norm() / base.norm().clamp_min(1e-12)))
             else:
                 stats = _multiplicative_entry(module, adapter, max_dense_dim, max_eig_dim)
                 entry.update(kind="multiplicative", **stats)

@@ -120,3 +120,10 @@ def test_additive_methods_report_relative_change():
     assert entry["kind"] == "additive" and entry["relative_delta"] == pytest.approx(0.0, abs=1e-6)
     perturb_adapters(model, scale=0.1)
     assert orthogonality_report(model)["layers"][0]["relative_delta"] > 0
+
+
+def test_clover_reports_relative_change():
+    model = get_peft_model(_tiny_llama(), orthoft.CLOVERConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    entries = orthogonality_report(model)["layers"]
+    assert entries and all(e["kind"] == "reparametrized" for e in entries)
+    assert all(e["relative_delta"] < 1e-4 for e in entries)  # an exact reparametrization at init
