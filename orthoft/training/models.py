@@ -6,6 +6,7 @@ default recipes never touch the hub.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def adapter_config(section: AdapterSection, task: str, name_or_path: str) -> Any
     # record a loadable base: the embedded shortcuts become their folders (export and eval reload from it)
     base = resolve_path(name_or_path) if name_or_path.lower() in ("smollm2", "minilm") else name_or_path
     try:
-        return config_cls(**section.options, task_type=TASK_TYPES[task], base_model_name_or_path=base)
+        # a copy: PEFT extends lists such as modules_to_save in place, which would change the recipe
+        options = copy.deepcopy(section.options)
+        return config_cls(**options, task_type=TASK_TYPES[task], base_model_name_or_path=base)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"adapter: invalid options for {config_cls.__name__}: {err}") from err
 

@@ -13,6 +13,7 @@ values are parsed as YAML (``true``, ``1e-3``, ``[q_proj, v_proj]``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -421,7 +422,7 @@ def _build_adapter(value: dict[str, Any], source: str) -> AdapterSection:
     for key, val in options.items():
         options[key] = _check_type(val, hints.get(key, Any), f"{where}.{key}")
     try:
-        config_cls(**options)  # its __post_init__ checks ranges and combinations
+        config_cls(**copy.deepcopy(options))  # its __post_init__ checks ranges and combinations
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{where}: invalid options for {config_cls.__name__}: {err}") from err
     return AdapterSection(method=canonical_method(method), options=options)
