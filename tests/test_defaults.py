@@ -41,3 +41,17 @@ def test_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
     mtime = (path / "config.json").stat().st_mtime
     assert defaults.smollm2_path() == path
     assert (path / "config.json").stat().st_mtime == mtime
+
+
+def test_staged_directory_replaces_on_success_and_leaves_nothing_on_error(tmp_path):
+    from orthoft.fileio import staged_directory
+
+    target = tmp_path / "out"
+    with staged_directory(target, ".t-") as staging:
+        (staging / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), staged_directory(target, ".t-") as staging:
+        (staging / "a.txt").write_text("2")
+        raise RuntimeError("crash mid-write")
+    assert (target / "a.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

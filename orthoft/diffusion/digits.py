@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +26,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..defaults import cache_dir
+from ..fileio import staged_directory
 from . import orthogonal_adaptation as oa
 from .data import DigitImages, load_digits, split
 from .grid import save_panels
@@ -83,15 +81,8 @@ def pretrained_digits_pipeline(
         log(f"pre-training took {result.seconds:.0f} s")
     if base.cache:
         # written to a temporary folder and renamed, so an interrupted run never leaves a half cache
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tiny-digits-", dir=cached.parent))
-        try:
+        with staged_directory(cached, ".tiny-digits-") as staging:
             pipeline.save_pretrained(staging, safe_serialization=True)
-            if cached.exists():
-                shutil.rmtree(cached)
-            os.replace(staging, cached)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return pipeline
 
 
