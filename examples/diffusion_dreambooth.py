@@ -114,7 +114,7 @@ def run_stable_diffusion(args: argparse.Namespace) -> dict:
         generate,
         generate_prior_images,
     )
-    from orthoft.training.recipe import method_config_class
+    from orthoft.io.schema import method_config_class
 
     out = Path(args.output_dir or "runs/dreambooth")
     out.mkdir(parents=True, exist_ok=True)

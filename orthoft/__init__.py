@@ -4,9 +4,7 @@
 ``PeftModel.from_pretrained`` accept orthoft configs.
 """
 
-__version__ = "0.1.0"
-
-from .adapters import (  # noqa: E402
+from .adapters import (
     BOFTConfig,
     CLOVERConfig,
     HRAConfig,
@@ -18,7 +16,8 @@ from .adapters import (  # noqa: E402
     SVFTConfig,
     regularization_loss,
 )
-from .export import export_merged  # noqa: E402
+from .export import export_merged
+from .version import __version__
 
 __all__ = [
     "BOFTConfig",

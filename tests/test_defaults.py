@@ -44,14 +44,38 @@ def test_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
 
 
 def test_staged_directory_replaces_on_success_and_leaves_nothing_on_error(tmp_path):
-    from orthoft.fileio import staged_directory
+    from orthoft.io.files import staged_directory
 
     target = tmp_path / "out"
-    with staged_directory(target, ".t-") as staging:
+    with staged_directory(target) as staging:
         (staging / "a.txt").write_text("1")
     assert (target / "a.txt").read_text() == "1"
-    with pytest.raises(RuntimeError), staged_directory(target, ".t-") as staging:
+    with pytest.raises(RuntimeError), staged_directory(target) as staging:
         (staging / "a.txt").write_text("2")
         raise RuntimeError("crash mid-write")
     assert (target / "a.txt").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_staged_directory_keeps_old_until_new_is_complete_and_honours_umask(tmp_path):
+    import os
+
+    from orthoft.io.files import staged_directory, write_text_atomic
+
+    target = tmp_path / "out"
+    with staged_directory(target) as staging:
+        (staging / "a.txt").write_text("1")
+    old_mask = os.umask(0o022)
+    try:
+        with staged_directory(target) as staging:
+            (staging / "a.txt").write_text("2")
+            assert (target / "a.txt").read_text() == "1"  # the old version stays until the rename
+        assert (target.stat().st_mode & 0o777) == 0o755
+        with pytest.raises(FileExistsError), staged_directory(target, overwrite=False) as staging:
+            (staging / "a.txt").write_text("3")
+        assert (target / "a.txt").read_text() == "2"
+        write_text_atomic(tmp_path / "f.json", "{}")
+        assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old_mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "out"]

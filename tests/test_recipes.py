@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orthoft.training.recipe import (
-    RecipeError,
-    canonical_method,
-    load_recipe,
-    recipe_from_dict,
-    registered_methods,
-)
+from orthoft.adapters.registry import registered_methods
+from orthoft.io.schema import RecipeError, canonical_method
+from orthoft.training.recipe import load_recipe, recipe_from_dict
 from tests.tiny_recipes import CAUSAL
 
 ALL_RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))

@@ -161,6 +161,21 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         """Multiplicative methods: optional per-output-feature scale ``s`` (shape ``(out,)``)."""
         return None
 
+    # ---- what diagnostics may inspect ---------------------------------------------------
+    @property
+    def map_kind(self) -> str:
+        """How an adapter of this layer changes the weight, for diagnostics and merging tools.
+
+        ``"input_map"``: ``W -> diag(s) W T^T`` with ``T = transform_input(adapter, I)`` (and, when
+        ``rotation_blocks`` returns them, block-diagonal ``T``); ``"additive"``: ``W -> W + dW``;
+        ``"reparametrized"``: neither (e.g. CLOVER's per-head cores): only the weight change is defined.
+        """
+        return "additive" if self.additive else "input_map"
+
+    def rotation_blocks(self, adapter_name: str) -> torch.Tensor | None:
+        """Block-diagonal input maps: the float32 blocks ``(n_blocks, b, b)`` (one when shared); else None."""
+        return None
+
     def regularization_loss(self, adapter_name: str) -> torch.Tensor | None:
         """This adapter's training penalty, already multiplied by its config's weight (0-d float32).
 
@@ -218,11 +233,11 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         self._inference_cache[key] = (stamp, value)
         return value
 
-    def _has_adapter(self, adapter_name: str) -> bool:
+    def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in getattr(self, self.adapter_layer_names[0])
 
     def _unmerged_active(self) -> list[str]:
-        return [a for a in self.active_adapters if self._has_adapter(a) and a not in self.merged_adapters]
+        return [a for a in self.active_adapters if self.has_adapter(a) and a not in self.merged_adapters]
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return x.dtype if x.is_floating_point() else torch.float32
@@ -249,7 +264,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             weight = weight.T
         base.weight.data = weight.reshape(old.shape).to(old.dtype).contiguous()
 
-    def _merged_weight(self, adapter_name: str, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
         """``W -> W'`` for one adapter, float32 dense ``(out, in_features)``."""
         if self.additive:
             return weight + self.adapter_delta_weight(adapter_name)
@@ -257,7 +272,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         scale = self.output_scale(adapter_name)
         return merged if scale is None else merged * scale.float()[:, None]
 
-    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         if self.additive:
             return weight - self.adapter_delta_weight(adapter_name)
         scale = self.output_scale(adapter_name)
@@ -268,18 +283,18 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``W' - W`` for one adapter on the current base weight (float32)."""
         weight = self.dense_base_weight()
-        return self._merged_weight(adapter_name, weight) - weight
+        return self.merged_weight(adapter_name, weight) - weight
 
     # ---- merge / unmerge ----------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        adapter_names = [a for a in adapter_names if self._has_adapter(a)]
+        adapter_names = [a for a in adapter_names if self.has_adapter(a)]
         if not adapter_names:
             return
         with torch.no_grad():
             weight = self.dense_base_weight()
             for name in adapter_names:
-                weight = self._merged_weight(name, weight)
+                weight = self.merged_weight(name, weight)
                 if safe_merge and not torch.isfinite(weight).all():
                     raise ValueError(
                         f"{self.method_name}: merging adapter {name!r} into {self.module_name} produced "
@@ -295,7 +310,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             weight = self.dense_base_weight()
             while self.merged_adapters:
-                weight = self._unmerged_weight(self.merged_adapters.pop(), weight)
+                weight = self.unmerged_weight(self.merged_adapters.pop(), weight)
             self.store_dense_base_weight(weight)
 
     # ---- forward ------------------------------------------------------------------------
@@ -331,7 +346,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         weight = self.dense_base_weight()
         for name in active:
-            weight = self._merged_weight(name, weight, training=self.training)
+            weight = self.merged_weight(name, weight, training=self.training)
         weight = weight.reshape(base.weight.shape).to(x.dtype)
         return base._conv_forward(x, weight, base.bias)
 

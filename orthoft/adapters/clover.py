@@ -212,6 +212,7 @@ class CLOVERLayer(OrthoLayer):
     """One attention projection with per-head CLOVER transforms. Built by :class:`CLOVERModel` only."""
 
     method_name = "CLOVER"
+    map_kind = "reparametrized"  # per-head cores between fixed bases: no input-side map
     adapter_layer_names = ("orthoft_clover_S",)
     other_param_names = (
         "adapter_configs",
@@ -302,10 +303,10 @@ class CLOVERLayer(OrthoLayer):
         heads = weight.index_select(1, index).unflatten(1, (groups, head_dim))  # columns: W_g -> W_g T_g
         return weight.index_add(1, index, torch.einsum("ogj,gji->ogi", heads, deltas).flatten(1))
 
-    def _merged_weight(self, adapter_name: str, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
         return self._transform_weight(adapter_name, weight, self.head_deltas(adapter_name))
 
-    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         deltas = self.head_deltas(adapter_name)
         eye = torch.eye(deltas.shape[-1], device=deltas.device)
         return self._transform_weight(adapter_name, weight, torch.linalg.inv(eye + deltas) - eye)

@@ -63,6 +63,9 @@ class OFTLayer(OrthoLayer):
         self.orthoft_oft_Q[adapter_name] = nn.Parameter(q)
         self.oft_block_size[adapter_name] = b
 
+    def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
+        return self.rotations(adapter_name)
+
     def rotations(self, adapter_name: str, training: bool = False) -> torch.Tensor:
         """The adapter's float32 blocks ``(n_blocks, b, b)`` (``n_blocks = 1`` when shared)."""
         config = self.adapter_configs[adapter_name]

@@ -94,7 +94,7 @@ class QGOFTLayer(OrthoLayer):
                 blocks += torch.randn_like(blocks) * 0.1
             self.orthoft_qgoft_blocks[adapter_name] = nn.Parameter(blocks)
 
-    def _has_adapter(self, adapter_name: str) -> bool:
+    def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.orthoft_qgoft_blocks or adapter_name in self.orthoft_qgoft_angles
 
     def plan(self, adapter_name: str, config: QGOFTConfig | None = None) -> GivensPlan:

@@ -14,7 +14,23 @@ from peft import mapping
 from .base import OrthoTuner
 from .config import OrthoConfig
 
+PEFT_TYPE_PREFIX = "ORTHOFT_"
 REGISTERED: dict[str, tuple[type[OrthoConfig], type[OrthoTuner]]] = {}
+
+
+def peft_type_for(method: str) -> str:
+    """The PEFT type string of an orthoft method: ``"oft"`` -> ``"ORTHOFT_OFT"`` (the one place it is spelled)."""
+    return PEFT_TYPE_PREFIX + method.upper()
+
+
+def method_of(peft_type: str) -> str:
+    """``"ORTHOFT_OFT"`` -> ``"oft"``."""
+    return peft_type.removeprefix(PEFT_TYPE_PREFIX).lower()
+
+
+def registered_methods() -> dict[str, type[OrthoConfig]]:
+    """Method name (``oft``, ``boft``, ...) -> config class, for every method registered now."""
+    return {method_of(peft_type): config for peft_type, (config, _) in REGISTERED.items()}
 
 
 def register_method(peft_type: str, config_cls: type[OrthoConfig], tuner_cls: type[OrthoTuner]) -> None:

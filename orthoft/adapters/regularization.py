@@ -22,7 +22,7 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
         if not isinstance(module, OrthoLayer) or module.disable_adapters:
             continue
         for name in module.active_adapters:
-            if not module._has_adapter(name):
+            if not module.has_adapter(name):
                 continue
             term = module.regularization_loss(name)
             if term is not None:

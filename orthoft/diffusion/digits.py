@@ -26,7 +26,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..defaults import cache_dir
-from ..fileio import staged_directory
+from ..io.files import staged_directory
 from . import orthogonal_adaptation as oa
 from .data import DigitImages, load_digits, split
 from .grid import save_panels
@@ -81,7 +81,7 @@ def pretrained_digits_pipeline(
         log(f"pre-training took {result.seconds:.0f} s")
     if base.cache:
         # written to a temporary folder and renamed, so an interrupted run never leaves a half cache
-        with staged_directory(cached, ".tiny-digits-") as staging:
+        with staged_directory(cached) as staging:
             pipeline.save_pretrained(staging, safe_serialization=True)
     return pipeline
 

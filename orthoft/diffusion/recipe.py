@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 import yaml
 
-from ..training.recipe import AdapterSection, RecipeError, _build_adapter, _build_section, _check_type
+from ..io.schema import (
+    AdapterSection,
+    RecipeError,
+    build_adapter_section,
+    build_section,
+    check_type,
+    method_config_class,
+)
 from . import orthogonal_adaptation  # noqa: F401  (the recipe may name method orthogonal_adaptation)
 from .models import UNET_TARGET_GROUPS, unet_target_modules
 from .train import DenoiserTrainingSettings
@@ -155,7 +162,7 @@ class ConceptsSection:
             raise RecipeError(f"{where}.rank: must be >= 1, got {self.rank}.")
 
     def concepts(self, where: str) -> list[ConceptItem]:
-        items = [_build_section(ConceptItem, item, f"{where}.items[{i}]") for i, item in enumerate(self.items)]
+        items = [build_section(ConceptItem, item, f"{where}.items[{i}]") for i, item in enumerate(self.items)]
         names = [item.name for item in items]
         if len(set(names)) != len(names):
             raise RecipeError(f"{where}.items: concept names must be distinct, got {names}.")
@@ -178,7 +185,6 @@ class DiffusionRecipe:
 
     def peft_config(self, **overrides: Any) -> Any:
         """The adapter's PEFT config (``overrides`` e.g. ``concept_index`` for Orthogonal Adaptation)."""
-        from ..training.recipe import method_config_class
 
         return method_config_class(self.adapter.method)(**{**self.adapter.options, **overrides})
 
@@ -221,18 +227,18 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<diffusion recipe>") ->
             raise RecipeError(f"{source}: unknown key {key!r}. Valid top-level keys: {list(SECTION_NAMES)}.")
     if "adapter" not in raw:
         raise RecipeError(f"{source}: missing section 'adapter' (method plus its config fields).")
-    base = _build_section(BaseSection, _mapping(raw, "base", source), f"{source}: base")
+    base = build_section(BaseSection, _mapping(raw, "base", source), f"{source}: base")
     base.pretrain_settings(f"{source}: base")  # validate now, not after minutes of work
-    subject = _build_section(SubjectSection, _mapping(raw, "subject", source), f"{source}: subject")
-    sample = _build_section(SampleSection, _mapping(raw, "sample", source), f"{source}: sample")
+    subject = build_section(SubjectSection, _mapping(raw, "subject", source), f"{source}: subject")
+    sample = build_section(SampleSection, _mapping(raw, "sample", source), f"{source}: sample")
     train = _settings(_mapping(raw, "train", source), f"{source}: train")
     adapter = _adapter(_mapping(raw, "adapter", source), source)
     concepts = None
     if raw.get("concepts") is not None:
-        concepts = _build_section(ConceptsSection, _mapping(raw, "concepts", source), f"{source}: concepts")
+        concepts = build_section(ConceptsSection, _mapping(raw, "concepts", source), f"{source}: concepts")
         concepts.concepts(f"{source}: concepts")
-    output_dir = _check_type(raw.get("output_dir", "runs/diffusion"), str, f"{source}: output_dir")
-    description = _check_type(raw.get("description", ""), str, f"{source}: description")
+    output_dir = check_type(raw.get("output_dir", "runs/diffusion"), str, f"{source}: output_dir")
+    description = check_type(raw.get("description", ""), str, f"{source}: description")
     return DiffusionRecipe(base, subject, adapter, train, sample, concepts, output_dir, description.strip(), source)
 
 
@@ -246,12 +252,12 @@ def _adapter(value: dict[str, Any], source: str) -> AdapterSection:
             value["target_modules"] = unet_target_modules(groups)
         except ValueError as err:
             raise RecipeError(f"{source}: adapter.target_groups: {err} Groups: {sorted(UNET_TARGET_GROUPS)}.") from err
-    return _build_adapter(value, source)
+    return build_adapter_section(value, source)
 
 
 def _settings(value: dict[str, Any], where: str) -> DenoiserTrainingSettings:
     try:
-        return _build_section(DenoiserTrainingSettings, value, where)
+        return build_section(DenoiserTrainingSettings, value, where)
     except ValueError as err:
         if isinstance(err, RecipeError):
             raise

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .recipe import AdapterSection, ModelSection, RecipeError, method_config_class
+from ..io.schema import AdapterSection, RecipeError, method_config_class
+from .recipe import ModelSection
 
 logger = logging.getLogger(__name__)
 

@@ -13,28 +13,24 @@ values are parsed as YAML (``true``, ``1e-3``, ``[q_proj, v_proj]``).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-TASKS = ("causal_lm", "sequence_classification")
-DATA_SOURCES = ("hamlet", "rotten_tomatoes", "text_file", "hf")
-# method names users may write that mean a registered method
-METHOD_ALIASES = {"qoft": "oft", "oftv2": "oft"}
-# PeftConfig fields orthoft sets itself; a recipe may not set them
-RESERVED_ADAPTER_FIELDS = frozenset(
-    {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+from ..io.schema import (
+    AdapterSection,
+    RecipeError,
+    build_adapter_section,
+    build_section,
+    require_non_negative,
+    require_positive,
 )
 
-
-class RecipeError(ValueError):
-    """A recipe file or override is invalid; the message says where and how to fix it."""
+TASKS = ("causal_lm", "sequence_classification")
+DATA_SOURCES = ("hamlet", "rotten_tomatoes", "text_file", "hf")
 
 
 @dataclass
@@ -68,23 +64,11 @@ class ModelSection:
     def check(self, where: str) -> None:
         if self.load_in_4bit and self.load_in_8bit:
             raise RecipeError(f"{where}: set load_in_4bit or load_in_8bit, not both.")
-        _positive(where, num_labels=self.num_labels)
+        require_positive(where, num_labels=self.num_labels)
         if self.from_config is not None and "model_type" not in self.from_config:
             raise RecipeError(f"{where}.from_config: needs a 'model_type' (e.g. llama, bert).")
         if self.from_config is not None and (self.load_in_4bit or self.load_in_8bit):
             raise RecipeError(f"{where}: from_config builds float weights; drop load_in_4bit/load_in_8bit.")
-
-
-@dataclass
-class AdapterSection:
-    """``method`` plus that method's config fields (``target_modules``, ``block_size``, ...)."""
-
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def peft_type(self) -> str:
-        return f"ORTHOFT_{canonical_method(self.method).upper()}"
 
 
 @dataclass
@@ -122,8 +106,8 @@ class DataSection:
     max_test_examples: int | None = None
 
     def check(self, where: str) -> None:
-        _positive(where, block_size=self.block_size, max_length=self.max_length, eval_size=self.eval_size)
-        _positive(
+        require_positive(where, block_size=self.block_size, max_length=self.max_length, eval_size=self.eval_size)
+        require_positive(
             where,
             max_train_examples=self.max_train_examples,
             max_eval_examples=self.max_eval_examples,
@@ -165,7 +149,7 @@ class TrainSection:
     kill_after_step: int | None = None
 
     def check(self, where: str) -> None:
-        _positive(
+        require_positive(
             where,
             max_steps=self.max_steps,
             batch_size=self.batch_size,
@@ -175,7 +159,9 @@ class TrainSection:
             max_grad_norm=self.max_grad_norm,
             kill_after_step=self.kill_after_step,
         )
-        _non_negative(where, warmup_steps=self.warmup_steps, eval_every=self.eval_every, save_every=self.save_every)
+        require_non_negative(
+            where, warmup_steps=self.warmup_steps, eval_every=self.eval_every, save_every=self.save_every
+        )
         if self.warmup_steps >= self.max_steps and self.lr_scheduler != "constant":
             raise RecipeError(
                 f"{where}.warmup_steps: {self.warmup_steps} leaves no step after warmup (max_steps "
@@ -200,8 +186,8 @@ class OptimSection:
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str) -> None:
-        _positive(where, lr=self.lr, adamw_lr=self.adamw_lr)
-        _non_negative(where, weight_decay=self.weight_decay)
+        require_positive(where, lr=self.lr, adamw_lr=self.adamw_lr)
+        require_non_negative(where, weight_decay=self.weight_decay)
         valid = optimizer_names()
         key = self.name.lower().replace("-", "").replace("_", "")
         if key not in valid:
@@ -228,7 +214,9 @@ class EvalSection:
     orthogonality: bool = True
 
     def check(self, where: str) -> None:
-        _positive(where, batch_size=self.batch_size, max_batches=self.max_batches, max_new_tokens=self.max_new_tokens)
+        require_positive(
+            where, batch_size=self.batch_size, max_batches=self.max_batches, max_new_tokens=self.max_new_tokens
+        )
         known = ("accuracy", "f1", "perplexity")
         for name in self.metrics or []:
             if name not in known:
@@ -328,9 +316,9 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", overrides: list[str] | 
         if not isinstance(value, dict):
             raise RecipeError(f"{source}: section {name!r} must be a mapping, got {value!r}.")
         if name == "adapter":
-            sections[name] = _build_adapter(value, source)
+            sections[name] = build_adapter_section(value, source)
         else:
-            sections[name] = _build_section(cls, value, f"{source}: {name}")
+            sections[name] = build_section(cls, value, f"{source}: {name}")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise RecipeError(f"{source}: description must be a string.")
@@ -363,35 +351,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
     return raw
 
 
-def canonical_method(method: str) -> str:
-    name = method.strip().lower()
-    return METHOD_ALIASES.get(name, name)
-
-
-def registered_methods() -> dict[str, type]:
-    """Method name (``oft``, ``boft``, ...) -> config class, for every method registered now."""
-    from orthoft.adapters import REGISTERED
-
-    return {peft_type.removeprefix("ORTHOFT_").lower(): config for peft_type, (config, _) in REGISTERED.items()}
-
-
-def method_config_class(method: str, where: str = "adapter.method") -> type:
-    """The config class registered for ``method``; RecipeError naming the registered ones if absent."""
-    methods = registered_methods()
-    name = canonical_method(method)
-    if name not in methods:
-        raise RecipeError(
-            f"{where}: no orthoft method {method!r} is registered (looked up peft_type "
-            f"ORTHOFT_{name.upper()} in orthoft.adapters.REGISTERED). Registered methods: {sorted(methods)}. "
-            "If the method is new, its config class must be registered by orthoft.adapters first."
-        )
-    return methods[name]
-
-
-def adapter_fields(config_cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(config_cls) if f.init and f.name not in RESERVED_ADAPTER_FIELDS}
-
-
 def optimizer_names() -> set[str]:
     """Optimizer names a recipe may use: adamw always, the orthogonalized ones when orthoft.optim exists."""
     try:
@@ -399,53 +358,6 @@ def optimizer_names() -> set[str]:
     except ImportError:
         return {"adamw"}
     return {"adamw", *OPTIMIZERS}
-
-
-# ---- validation helpers -----------------------------------------------------------------------
-def _build_adapter(value: dict[str, Any], source: str) -> AdapterSection:
-    where = f"{source}: adapter"
-    if "method" not in value:
-        raise RecipeError(f"{where}: missing key 'method' (one of {sorted(registered_methods())}).")
-    method = value["method"]
-    if not isinstance(method, str):
-        raise RecipeError(f"{where}.method: expected a method name string, got {method!r}.")
-    config_cls = method_config_class(method, f"{where}.method")
-    fields_by_name = adapter_fields(config_cls)
-    options = {k: v for k, v in value.items() if k != "method"}
-    for key in options:
-        if key not in fields_by_name:
-            raise RecipeError(
-                f"{where}: unknown key {key!r} for method {method!r} ({config_cls.__name__}). "
-                f"Valid keys: {['method', *sorted(fields_by_name)]}."
-            )
-    hints = _type_hints(config_cls)
-    for key, val in options.items():
-        options[key] = _check_type(val, hints.get(key, Any), f"{where}.{key}")
-    try:
-        config_cls(**copy.deepcopy(options))  # its __post_init__ checks ranges and combinations
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"{where}: invalid options for {config_cls.__name__}: {err}") from err
-    return AdapterSection(method=canonical_method(method), options=options)
-
-
-def _build_section(cls: type, value: dict[str, Any], where: str) -> Any:
-    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
-    for key in value:
-        if key not in fields_by_name:
-            raise RecipeError(f"{where}: unknown key {key!r}. Valid keys: {sorted(fields_by_name)}.")
-    hints = _type_hints(cls)
-    kwargs = {}
-    for name, f in fields_by_name.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in value:
-            if required:
-                raise RecipeError(f"{where}: missing required key {name!r}.")
-            continue
-        kwargs[name] = _check_type(value[name], hints[name], f"{where}.{name}")
-    section = cls(**kwargs)
-    if hasattr(section, "check"):
-        section.check(where)
-    return section
 
 
 def _check_cross_section(recipe: Recipe, source: str) -> None:
@@ -460,93 +372,3 @@ def _check_cross_section(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: eval.metrics accuracy/f1 need model.task sequence_classification.")
     if task == "sequence_classification" and "perplexity" in recipe.metrics():
         raise RecipeError(f"{source}: eval.metrics perplexity needs model.task causal_lm.")
-
-
-def _positive(where: str, **values: float | None) -> None:
-    for name, value in values.items():
-        if value is not None and value <= 0:
-            raise RecipeError(f"{where}.{name}: must be > 0, got {value}.")
-
-
-def _non_negative(where: str, **values: float | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < 0:
-            raise RecipeError(f"{where}.{name}: must be >= 0, got {value}.")
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            try:
-                hints.update(typing.get_type_hints(klass))
-            except (NameError, TypeError):  # an annotation we cannot resolve: accept any value there
-                hints.update({name: Any for name in getattr(klass, "__annotations__", {})})
-    return hints
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """``value`` if it fits annotation ``tp`` (ints widen to float), else RecipeError."""
-    ok, converted = _fits(value, tp)
-    if not ok:
-        raise RecipeError(f"{where}: expected {_describe(tp)}, got {value!r} ({type(value).__name__}).")
-    return converted
-
-
-def _fits(value: Any, tp: Any) -> tuple[bool, Any]:
-    if tp is Any or tp is object:
-        return True, value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        # compare types too: YAML's true must not match a Literal 1
-        return any(value == choice and type(value) is type(choice) for choice in args), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            ok, converted = _fits(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        # YAML 1.1 reads "1e-3" (no dot) as a string
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin in (list, set, tuple) or tp in (list, set, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        inner = args[0] if args else Any
-        items = [_fits(v, inner) for v in value]
-        return all(ok for ok, _ in items), [c for _, c in items]
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    if isinstance(tp, type):
-        return isinstance(value, tp), value
-    return True, value  # an annotation we do not model: let the config class judge
