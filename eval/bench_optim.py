@@ -30,8 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from spectra import matrix_with_condition
 
-from orthoft.optim.newton_schulz import matrix_with_condition, orthogonalize
+from orthoft.optim.newton_schulz import orthogonalize
 from orthoft.optim.optimizers import cosh_brake
 
 SHAPES = [(1, 256, 256), (1, 512, 2048), (1, 1024, 4096), (64, 32, 32)]

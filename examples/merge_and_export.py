@@ -41,12 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        from orthoft.export import export_merged, load_for_export
-    except ImportError as err:
-        raise SystemExit(f"orthoft.export is not available in this version of orthoft ({err}).") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orthoft.export import export_merged, load_for_export
 
     adapter, base, load_in_4bit = args.adapter, args.base, args.load_in_4bit
     if args.run:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from orthoft.orthogonal.givens import GivensPlan, givens_pairs
 
 
 class TinyMLP(nn.Module):
@@ -74,3 +77,27 @@ def perturb_adapters(model: nn.Module, scale: float = 0.05) -> None:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def layer_matrix(blocks: torch.Tensor, plan: GivensPlan, layer: int) -> torch.Tensor:
+    """Dense Givens layer ``G_layer`` (1-based) alone, built from the pair list: an independent reference."""
+    d = plan.features
+    dense = torch.eye(d, dtype=blocks.dtype, device=blocks.device)
+    pairs = givens_pairs(plan)
+    offset = sum(len(left) for left, _ in pairs[: layer - 1])
+    left, right = pairs[layer - 1]
+    block = blocks[offset : offset + len(left)]
+    dense[left, left] = block[:, 0, 0]
+    dense[left, right] = block[:, 0, 1]
+    dense[right, left] = block[:, 1, 0]
+    dense[right, right] = block[:, 1, 1]
+    return dense
+
+
+def matrix_with_condition(rows: int, cols: int, condition: float, generator: torch.Generator) -> torch.Tensor:
+    """A random ``rows x cols`` float32 matrix with log-spaced singular values from 1 to ``1/condition``."""
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))
+    singular_values = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
+    return ((u * singular_values) @ v.T).float()

@@ -17,7 +17,6 @@ from diffusers import DiTTransformer2DModel
 from peft import get_peft_model
 
 import orthoft
-import orthoft.diffusion  # noqa: F401  (registers Orthogonal Adaptation)
 from orthoft.adapters import REGISTERED
 from orthoft.diffusion.models import build_tiny_unet, unet_target_modules
 

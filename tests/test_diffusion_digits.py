@@ -157,11 +157,10 @@ def test_orthogonal_adaptation_concepts_merge_and_interference(tmp_path, base_di
 
 
 def test_cli_subcommand_parses():
-    import argparse
+    from orthoft.cli import build_parser
+    from orthoft.cli import diffusion as diffusion_command
 
-    from orthoft.diffusion import add_parser
-
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser("diffusion")
     args = parser.parse_args(["diffusion", "concepts", "recipes/diffusion-digits-concepts.yaml", "--base", "saved"])
-    assert args.diffusion_command == "concepts" and args.base == "saved" and callable(args.func)
+    assert args.command == "diffusion" and callable(diffusion_command.run)
+    assert args.diffusion_command == "concepts" and args.base == "saved"

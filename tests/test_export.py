@@ -27,6 +27,7 @@ import orthoft
 from orthoft import export as export_module
 from orthoft.adapters import REGISTERED
 from orthoft.export import export_merged
+from orthoft.io import files
 from tests.test_quantized import METHODS, exact_logits, load_quantized, method_config, save_tiny_llama, train_steps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,9 @@ def test_combined_adapters_merge_in_the_stated_order(tiny_llama_dir, tmp_path):
             target_modules=["q_proj", "o_proj"], block_size=32, init_weights=False, use_exact_cayley=True
         ),
     )
+    trainable_before = {name: param.requires_grad for name, param in model.named_parameters()}
+    layers = [module for module in model.modules() if isinstance(module, orthoft.OrthoLayer)]
+    layer_state_before = [(layer.active_adapters, layer.disable_adapters) for layer in layers]
     reports = {}
     for order in (["first", "second"], ["second", "first"]):
         reports[tuple(order)] = export_merged(model, tmp_path / "-".join(order), adapter_names=order, dtype="fp32")
@@ -228,9 +232,11 @@ def test_combined_adapters_merge_in_the_stated_order(tiny_llama_dir, tmp_path):
         assert torch.allclose(torch.linalg.svdvals(merged), base_singular, atol=1e-4)
     # the adapter model was left as it was: one active adapter, trainable flags untouched
     assert model.active_adapters == ["first"]
+    assert [(layer.active_adapters, layer.disable_adapters) for layer in layers] == layer_state_before
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == trainable_before
 
 
-def test_cli_export_two_adapters_from_saved_folders(tiny_llama_dir, tmp_path):
+def test_cli_export_two_adapters_from_saved_folders(tiny_llama_dir, tmp_path, capsys):
     from orthoft.cli import main
 
     first = trained_tiny_model(tiny_llama_dir, "ORTHOFT_OFT", seed=1)
@@ -254,8 +260,11 @@ def test_cli_export_two_adapters_from_saved_folders(tiny_llama_dir, tmp_path):
     assert api_report.adapters == ["adapter_a"]
     with pytest.raises(SystemExit):
         main(["export", "--base", str(tiny_llama_dir), "--out", str(tmp_path / "x")])  # --adapter is required
+    missing_config = ["export", "--base", str(tiny_llama_dir), "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        main(["export", "--base", str(tiny_llama_dir), "--adapter", str(tmp_path), "--out", str(tmp_path / "x")])
+        main(["--debug", *missing_config])
+    assert main(missing_config) == 2  # without --debug: one line on stderr, exit status 2
+    assert "adapter_config.json" in capsys.readouterr().err
 
 
 def test_modules_to_save_copy_is_exported(tiny_llama_dir, tmp_path):
@@ -263,8 +272,13 @@ def test_modules_to_save_copy_is_exported(tiny_llama_dir, tmp_path):
     config = orthoft.OFTConfig(target_modules=["q_proj"], block_size=16, modules_to_save=["lm_head"])
     model = get_peft_model(load_quantized(tiny_llama_dir, "nf4-double"), config)
     train_steps(model, torch.randint(0, 128, (2, 16)), steps=2)
+    wrapper = model.base_model.model.lm_head
+    trainable_before = {name: param.requires_grad for name, param in model.named_parameters()}
     report = export_merged(model, tmp_path / "out", dtype="fp32")
     assert report.merge_error["relative_max"] < TOLERANCE
+    # the probe switched the wrapper to the exported copy and back
+    assert wrapper.active_adapters == ["default"] and not wrapper.disable_adapters
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == trainable_before
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"]
@@ -278,12 +292,15 @@ def test_modules_to_save_copy_is_exported(tiny_llama_dir, tmp_path):
 def test_failure_mid_write_leaves_nothing_at_out(tiny_llama_dir, tmp_path, monkeypatch):
     model = trained_tiny_model(tiny_llama_dir)
     written = []
+    real_fsync_path = files.fsync_path
 
-    def disk_full_after_first_file(path):
-        written.append(path)
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    def disk_full_after_first_file(path, directory=False):
+        real_fsync_path(path, directory)
+        if not directory:  # the first file reached the disk; the next write finds it full
+            written.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
-    monkeypatch.setattr(export_module, "_after_file_synced", disk_full_after_first_file)
+    monkeypatch.setattr(files, "fsync_path", disk_full_after_first_file)  # looked up there by files.sync_tree
     out = tmp_path / "model"
     with pytest.raises(OSError, match="No space left"):
         export_merged(model, out, max_shard_size="100KB")
@@ -300,17 +317,21 @@ KILLED_EXPORT = textwrap.dedent(
     from peft import get_peft_model
     import orthoft
     from orthoft import export
+    from orthoft.io import files
     from tests.test_quantized import load_quantized
 
     base, out, marker = sys.argv[1:4]
     config = orthoft.OFTConfig(target_modules=["q_proj"], block_size=16)
     model = get_peft_model(load_quantized(base, "nf4-double"), config)
+    real_fsync_path = files.fsync_path
 
-    def stall(path):
-        Path(marker).write_text(str(path))
-        time.sleep(300)
+    def stall(path, directory=False):
+        real_fsync_path(path, directory)
+        if not directory:  # stop right after the first file reached the disk, to be killed there
+            Path(marker).write_text(str(path))
+            time.sleep(300)
 
-    export._after_file_synced = stall
+    files.fsync_path = stall  # looked up there by files.sync_tree
     export.export_merged(model, out, max_shard_size="100KB")
     """
 )

@@ -17,11 +17,10 @@ from orthoft.orthogonal.givens import (
     givens_matrix,
     givens_plan,
     identity_blocks,
-    layer_matrix,
     quasi_orthogonality_penalty,
 )
 from orthoft.orthogonal.householder import apply_householder
-from tests.helpers import TinyMLP, perturb_adapters
+from tests.helpers import TinyMLP, layer_matrix, perturb_adapters
 
 
 def _eye_error(m: torch.Tensor) -> float:

@@ -20,8 +20,7 @@ from orthoft.orthogonal import (
     invert_blocks,
     quasi_orthogonality_penalty,
 )
-from orthoft.orthogonal.givens import layer_matrix
-from tests.helpers import make_model, perturb_adapters
+from tests.helpers import layer_matrix, make_model, perturb_adapters
 
 DIMS = [2, 3, 5, 6, 8, 12, 16, 24, 33, 64, 72]
 LAYOUTS = ["tree", "butterfly"]

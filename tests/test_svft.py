@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import orthoft
-from orthoft.adapters.svft import SVFTLayer, banded_count, sparsity_indices
+from orthoft.adapters.svft import SVFTLayer
+from orthoft.orthogonal.sparsity import banded_count, sparsity_indices
 from tests.helpers import clone, make_model, perturb_adapters
 
 

@@ -29,7 +29,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
     # killed right after step 5: steps 5 is lost, the latest checkpoint is step 4
     killed = write_recipe(CAUSAL, tmp_path / "killed.yaml", train={"output_dir": str(killed_dir)})
-    result = run_cli(["train", str(killed), "--override", "train.kill_after_step=5"], check=False)
+    command = [sys.executable, str(REPO / "tests" / "scripts" / "kill_after_step.py"), "5", "train", str(killed)]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL, not a clean exit
     checkpoints = sorted(p.name for p in (killed_dir / "checkpoints").iterdir())
     assert checkpoints == ["step-000002", "step-000004"]  # keep_checkpoints=2
@@ -115,12 +116,12 @@ def test_classification_run_writes_everything_and_evaluates(tmp_path, capsys):
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
-    from orthoft.training.loop import _prepare_output_dir
+    from orthoft.training.checkpoint import prepare_output_dir
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="--resume to continue it, --overwrite to start over"):
-        _prepare_output_dir(tmp_path, resume=False, overwrite=False, is_main=True)
-    assert _prepare_output_dir(tmp_path, resume=False, overwrite=True, is_main=True) is None
+        prepare_output_dir(tmp_path, resume=False, overwrite=False, is_main=True)
+    assert prepare_output_dir(tmp_path, resume=False, overwrite=True, is_main=True) is None
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -6,19 +6,22 @@ from .clover import CLOVERConfig, CLOVERLayer, CLOVERModel
 from .config import CayleyConfig, OrthoConfig
 from .hra import HRAConfig, HRALayer, HRAModel
 from .oft import OFTConfig, OFTLayer, OFTModel
+from .orthogonal_adaptation import OrthogonalAdaptationConfig, OrthogonalAdaptationLayer, OrthogonalAdaptationModel
 from .psoft import PSOFTConfig, PSOFTLayer, PSOFTModel
 from .qgoft import QGOFTConfig, QGOFTLayer, QGOFTModel
 from .registry import REGISTERED, register_method
 from .regularization import regularization_loss
 from .svft import SVFTConfig, SVFTLayer, SVFTModel
 
-register_method("ORTHOFT_OFT", OFTConfig, OFTModel)
-register_method("ORTHOFT_BOFT", BOFTConfig, BOFTModel)
-register_method("ORTHOFT_QGOFT", QGOFTConfig, QGOFTModel)
-register_method("ORTHOFT_HRA", HRAConfig, HRAModel)
-register_method("ORTHOFT_PSOFT", PSOFTConfig, PSOFTModel)
-register_method("ORTHOFT_SVFT", SVFTConfig, SVFTModel)
-register_method("ORTHOFT_CLOVER", CLOVERConfig, CLOVERModel)
+# each config class names its method once (OFTConfig.method == "oft"); the PEFT type ORTHOFT_OFT follows from it
+register_method(OFTConfig, OFTModel)
+register_method(BOFTConfig, BOFTModel)
+register_method(QGOFTConfig, QGOFTModel)
+register_method(HRAConfig, HRAModel)
+register_method(PSOFTConfig, PSOFTModel)
+register_method(SVFTConfig, SVFTModel)
+register_method(CLOVERConfig, CLOVERModel)
+register_method(OrthogonalAdaptationConfig, OrthogonalAdaptationModel)
 
 __all__ = [
     "CLOVERConfig",
@@ -36,6 +39,9 @@ __all__ = [
     "QGOFTConfig",
     "QGOFTLayer",
     "QGOFTModel",
+    "OrthogonalAdaptationConfig",
+    "OrthogonalAdaptationLayer",
+    "OrthogonalAdaptationModel",
     "regularization_loss",
     "REGISTERED",
     "BOFTConfig",

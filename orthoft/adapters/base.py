@@ -32,11 +32,7 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # transformers is a dependency, but keep the math usable without it
-    Conv1D = None  # type: ignore[assignment,misc]
+from transformers.pytorch_utils import Conv1D
 
 LayerKind = str  # "linear" | "conv1d" | "conv2d" | "quantized"
 
@@ -47,7 +43,7 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
         return "quantized"
     if isinstance(module, nn.Linear):
         return "linear"
-    if Conv1D is not None and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
@@ -202,7 +198,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
     def _move_adapter_to_base_device(self, adapter_name: str) -> None:
         # Unlike PEFT's helper this keeps adapter tensors in float32: rotations are built in
         # float32 even for bf16/fp16 models and cast only where they meet activations.
-        device = self._base_device()
+        device = self.base_device()
         if device is None:
             return
         for name in self.adapter_layer_names + self.other_param_names:
@@ -212,7 +208,8 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
                 if item.device != device and item.device.type != "meta":
                     container[adapter_name] = item.to(device)
 
-    def _base_device(self) -> torch.device | None:
+    def base_device(self) -> torch.device | None:
+        """Device of the frozen base weight (None for a weightless base layer)."""
         weight = getattr(self.get_base_layer(), "weight", None)
         return weight.device if weight is not None else None
 
@@ -234,12 +231,15 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         return value
 
     def has_adapter(self, adapter_name: str) -> bool:
+        """Whether this layer holds adapter ``adapter_name``."""
         return adapter_name in getattr(self, self.adapter_layer_names[0])
 
-    def _unmerged_active(self) -> list[str]:
+    def unmerged_active_adapters(self) -> list[str]:
+        """Active adapters this layer holds that are not merged into the base weight (forward applies these)."""
         return [a for a in self.active_adapters if self.has_adapter(a) and a not in self.merged_adapters]
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype adapter products run in for input ``x``: its own when floating, else float32."""
         return x.dtype if x.is_floating_point() else torch.float32
 
     # ---- dense weight access (float32, shape (out, in_features)) -------------------------
@@ -319,7 +319,7 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        active = self._unmerged_active()
+        active = self.unmerged_active_adapters()
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if self.kind == "conv2d":
@@ -381,6 +381,17 @@ class OrthoTuner(BaseTuner):
             peft_config.target_modules = set(targets)
         return peft_config
 
+    def layer_kwargs(
+        self, peft_config: PeftConfig, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
+    ) -> dict[str, Any] | None:
+        """Extra keyword arguments for the layer constructor and ``update_layer`` of ``target``.
+
+        ``{}`` for most methods. A method that derives per-module data from the model (e.g. CLOVER's
+        head factors, which need the sibling projections under ``parent``) overrides this; None
+        leaves ``target`` as it is.
+        """
+        return {}
+
     def _create_and_replace(
         self,
         peft_config: PeftConfig,
@@ -391,15 +402,18 @@ class OrthoTuner(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        layer_kwargs = self.layer_kwargs(peft_config, target, target_name, parent, current_key)
+        if layer_kwargs is None:
+            return
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config, **layer_kwargs)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(
                 f"{self.tuner_layer_cls.method_name}: {current_key} already holds a {type(target).__name__} "
                 "adapter of another method. Fix: merge_and_unload() it first or target another module."
             )
-        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, module_name=current_key)
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, module_name=current_key, **layer_kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -441,3 +455,13 @@ def resolve_block_size(
             f"Fix: pick a block size such as {sorted(nearest)}, set num_blocks, or exclude the module."
         )
     return block_size
+
+
+def check_rank(method: str, module_name: str, rank: int, out_features: int, in_features: int) -> None:
+    """Raise a clear error when ``rank`` exceeds what an ``out x in`` weight has."""
+    limit = min(out_features, in_features)
+    if rank > limit:
+        raise ValueError(
+            f"{method}: rank {rank} exceeds min(out_features, in_features) = {limit} of {module_name} "
+            f"({out_features} x {in_features}). Fix: lower the rank to <= {limit} or exclude the module."
+        )

@@ -11,8 +11,6 @@ from ..orthogonal import apply_butterfly, drop_blocks, packed_size, rotation_fro
 from .base import OrthoLayer, OrthoTuner, resolve_block_size
 from .config import CayleyConfig
 
-PEFT_TYPE = "ORTHOFT_BOFT"
-
 
 @dataclass
 class BOFTConfig(CayleyConfig):
@@ -33,16 +31,15 @@ class BOFTConfig(CayleyConfig):
     n_butterfly_factor: int = field(default=2)
     dropout: float = field(default=0.0)
 
-    method_prefix = "boft"
+    method = "boft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
         if self.block_size and self.num_blocks:
             raise ValueError("BOFTConfig: set block_size or num_blocks, not both.")
         if not self.block_size and not self.num_blocks:
             self.block_size = 8
-        self._check_positive(block_size=self.block_size, num_blocks=self.num_blocks)
+        self.check_positive(block_size=self.block_size, num_blocks=self.num_blocks)
         if self.n_butterfly_factor < 1:
             raise ValueError(f"BOFTConfig: n_butterfly_factor must be >= 1, got {self.n_butterfly_factor}.")
         if self.n_butterfly_factor > 1 and self.block_size and self.block_size % 2:

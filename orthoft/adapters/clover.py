@@ -12,7 +12,8 @@ linear functions of the original weights (e.g. ``B_h = S0_h^{-1} W_h`` for a QR-
 so a trained core ``S_h`` is the same model as the original projection followed (q, k, v heads)
 or preceded (O under GQA) by a per-head ``d_head x d_head`` transform
 ``T_h = I + L_h (S_h - S0_h) R_h``, with ``L_h``, ``R_h`` small frozen matrices (for QR:
-``L = I``, ``R = S0^{-1}``; the joint cases in :func:`joint_value_output`, :func:`joint_query_key`)
+``L = I``, ``R = S0^{-1}``; the joint cases in :func:`orthoft.orthogonal.heads.joint_value_output` and
+:func:`~orthoft.orthogonal.heads.joint_query_key`)
 and ``S0_h`` the initial core. The layer applies ``T_h`` to the head's slice of the activations:
 
 * ``T_h = I`` exactly at init (``S_h - S0_h`` is exactly 0), so the model is bitwise the base model;
@@ -30,7 +31,6 @@ other projection is left as a plain module: its weight does not change.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,11 +40,18 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
 from peft.utils import resolve_quantization_backend
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .base import Conv1D, OrthoLayer, OrthoTuner, layer_kind
+from ..orthogonal.heads import (
+    HeadFactors,
+    HeadLayout,
+    fused_qkv_factors,
+    qr_head_factors,
+    query_key_factors,
+    value_output_factors,
+)
+from .base import OrthoLayer, OrthoTuner, layer_kind
 from .config import OrthoConfig
-
-PEFT_TYPE = "ORTHOFT_CLOVER"
 
 Role = Literal["q", "k", "v", "o", "qkv"]
 DEFAULT_PROJECTION_ROLES: dict[str, str] = {
@@ -104,17 +111,15 @@ class CLOVERConfig(OrthoConfig):
     rotary: bool | None = field(default=None)
     projection_roles: dict[str, str] | None = field(default=None)
 
-    method_prefix = "clover"
+    method = "clover"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
-        self._check_positive(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        self.check_positive(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
         bad = {k: v for k, v in (self.projection_roles or {}).items() if v not in ("q", "k", "v", "o", "qkv")}
         if bad:
             raise ValueError(
-                f"CLOVERConfig: projection_roles {bad} name unknown roles. "
-                "Fix: use 'q', 'k', 'v', 'o' or 'qkv'."
+                f"CLOVERConfig: projection_roles {bad} name unknown roles. Fix: use 'q', 'k', 'v', 'o' or 'qkv'."
             )
         if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -124,85 +129,6 @@ class CLOVERConfig(OrthoConfig):
 
     def roles(self) -> dict[str, str]:
         return {**DEFAULT_PROJECTION_ROLES, **(self.projection_roles or {})}
-
-
-# ---- per-head factorizations (float64, batched over heads) --------------------------------------
-
-
-@dataclass
-class HeadFactors:
-    """Frozen factors of one projection: ``T_g = I + left_g (S_g - s0_g) right_g`` per head group ``g``.
-
-    ``side`` is ``"output"`` (``T`` acts on the head's slice of the output) or ``"input"`` (on the
-    head's slice of the input). ``starts[g]`` is where group ``g``'s ``head_dim`` features begin.
-    """
-
-    side: Literal["output", "input"]
-    starts: list[int]
-    head_dim: int
-    s0: torch.Tensor
-    left: torch.Tensor
-    right: torch.Tensor
-
-
-def _positive_qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduced QR with a positive diagonal in ``R`` (unique for full column rank)."""
-    q, r = torch.linalg.qr(matrix)
-    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return q * signs[..., None, :], r * signs[..., :, None]
-
-
-def _eye_like(batch: torch.Tensor) -> torch.Tensor:
-    return torch.eye(batch.shape[-1], dtype=batch.dtype, device=batch.device).expand_as(batch).clone()
-
-
-def qr_rows(heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Heads ``W_h`` (G, dh, in) as ``S0_h B_h`` with ``B_h`` orthonormal rows: returns ``(s0, left, right)``.
-
-    ``W_h' = S_h B_h = (I + (S_h - S0_h) S0_h^{-1}) W_h``: ``left = I``, ``right = S0^{-1}``.
-    """
-    _, r = _positive_qr(heads.mT)
-    s0 = r.mT  # lower triangular
-    return s0, _eye_like(s0), torch.linalg.inv(s0)
-
-
-def qr_columns(heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Heads ``W_h`` (G, out, dh) as ``B_h S0_h`` with ``B_h`` orthonormal columns.
-
-    ``W_h' = B_h S_h = W_h (I + S0_h^{-1} (S_h - S0_h))``: ``left = S0^{-1}``, ``right = I``.
-    """
-    _, r = _positive_qr(heads)
-    return r, torch.linalg.inv(r), _eye_like(r)
-
-
-def joint_value_output(values: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per head ``W_O^h W_V^h = U diag(sigma) V^T`` from ``values`` (G, dh, in) and ``outputs`` (G, out, dh).
-
-    The core sits on V: ``W_O^h T_h W_V^h = U S_h V^T`` with ``T_h = I + D^{-1} (S_h - diag(sigma)) C^{-1}``,
-    ``C = W_V^h V`` and ``D = U^T W_O^h``. Computed from two thin QRs and a ``dh x dh`` SVD, never
-    forming the ``out x in`` product.
-    """
-    _, r_v = _positive_qr(values.mT)  # W_V^T = Q_v R_v
-    _, r_o = _positive_qr(outputs)  # W_O = Q_o R_o
-    u, sigma, wh = torch.linalg.svd(r_o @ r_v.mT)
-    c = r_v.mT @ wh.mT  # W_V V
-    d = u.mT @ r_o  # U^T W_O
-    return torch.diag_embed(sigma), torch.linalg.inv(d), torch.linalg.inv(c)
-
-
-def joint_query_key(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per head ``W_Q^h^T W_K^h = U diag(sigma) V^T`` from ``queries`` and matching ``keys`` (G, dh, in).
-
-    The core sits on Q: scores ``x^T U S_h^T V^T y`` need ``T_h = I + C^{-T} (S_h - diag(sigma)) A^{-1}``
-    with ``A = W_Q^h U`` and ``C = W_K^h V``.
-    """
-    _, r_q = _positive_qr(queries.mT)
-    _, r_k = _positive_qr(keys.mT)
-    u, sigma, wh = torch.linalg.svd(r_q @ r_k.mT)
-    a = r_q.mT @ u
-    c = r_k.mT @ wh.mT
-    return torch.diag_embed(sigma), torch.linalg.inv(c).mT, torch.linalg.inv(a)
 
 
 # ---- the layer ------------------------------------------------------------------------------------
@@ -292,9 +218,7 @@ class CLOVERLayer(OrthoLayer):
         change = torch.einsum("...gj,gij->...gi", heads, deltas.to(heads.dtype))
         return features.index_add(-1, index, change.flatten(-2))
 
-    def _transform_weight(
-        self, adapter_name: str, weight: torch.Tensor, deltas: torch.Tensor
-    ) -> torch.Tensor:
+    def _transform_weight(self, adapter_name: str, weight: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         index = self.orthoft_clover_index[adapter_name]
         groups, head_dim = deltas.shape[0], deltas.shape[-1]
         if self.clover_side[adapter_name] == "output":  # rows of head g: W_g -> T_g W_g
@@ -316,7 +240,7 @@ class CLOVERLayer(OrthoLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        active = self._unmerged_active()
+        active = self.unmerged_active_adapters()
         # merging a1 then a2 gives T2 T1 W (output side) or W T1 T2 (input side): apply in that order
         for name in reversed(active):
             if self.clover_side[name] == "input":
@@ -343,23 +267,11 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     backend = resolve_quantization_backend(base)
     if backend is not None:
         weight = backend.get_base_weight(base)
-    elif Conv1D is not None and isinstance(base, Conv1D):
+    elif isinstance(base, Conv1D):
         weight = base.weight.T
     else:
         weight = base.weight
     return weight.detach().double()
-
-
-@dataclass
-class _HeadLayout:
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rotary: bool
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
 
 class CLOVERModel(OrthoTuner):
@@ -378,12 +290,8 @@ class CLOVERModel(OrthoTuner):
             )
         hidden = model_config.get("hidden_size") or model_config.get("n_embd")
         peft_config.num_heads = heads
-        peft_config.num_kv_heads = (
-            peft_config.num_kv_heads or model_config.get("num_key_value_heads") or heads
-        )
-        head_dim = (
-            peft_config.head_dim or model_config.get("head_dim") or (hidden // heads if hidden else None)
-        )
+        peft_config.num_kv_heads = peft_config.num_kv_heads or model_config.get("num_key_value_heads") or heads
+        head_dim = peft_config.head_dim or model_config.get("head_dim") or (hidden // heads if hidden else None)
         if not head_dim:
             raise ValueError(
                 "CLOVERConfig: head_dim is unknown for this model. Fix: pass head_dim=... to CLOVERConfig."
@@ -402,31 +310,12 @@ class CLOVERModel(OrthoTuner):
         result = self._check_target_module_exists(config, key)
         return bool(result) and not isinstance(result, _ExcludedModule)
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
+    def layer_kwargs(
+        self, peft_config: PeftConfig, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
+    ) -> dict[str, Any] | None:
+        """The head factors CLOVERLayer needs; None when the partner projection carries this pair's core."""
         factors = self.head_factors(peft_config, target, target_name, parent, current_key)
-        if factors is None:
-            return  # the partner projection carries this pair's core
-        if isinstance(target, CLOVERLayer):
-            target.update_layer(adapter_name, peft_config, factors=factors)
-            return
-        if isinstance(target, BaseTunerLayer):
-            raise TypeError(
-                f"CLOVER: {current_key} already holds a {type(target).__name__} adapter of another method. "
-                "Fix: merge_and_unload() it first or target another module."
-            )
-        new_module = CLOVERLayer(target, adapter_name, peft_config, module_name=current_key, factors=factors)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        return None if factors is None else {"factors": factors}
 
     def head_factors(
         self, config: CLOVERConfig, target: nn.Module, target_name: str, parent: nn.Module, key: str
@@ -457,11 +346,7 @@ class CLOVERModel(OrthoTuner):
             found = siblings.get(wanted)
             if found is None:
                 return None
-            return (
-                found[1]
-                if self._is_targeted(config, f"{prefix}.{found[0]}" if prefix else found[0])
-                else None
-            )
+            return found[1] if self._is_targeted(config, f"{prefix}.{found[0]}" if prefix else found[0]) else None
 
         has_values = "v" in siblings or "qkv" in siblings
         if role == "o" and not has_values:
@@ -470,108 +355,27 @@ class CLOVERModel(OrthoTuner):
                 f"{type(parent).__name__} has no value projection (e.g. GPT-2's mlp.c_proj). "
                 "Fix: target only attention modules, e.g. 'attn.c_proj'."
             )
-        layout = _HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, bool(config.rotary))
+        layout = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim, bool(config.rotary))
         weight = _dense_weight(target)
         if role == "qkv":
-            return self._fused_factors(key, weight, layout, partner("o"))
+            outputs = partner("o")
+            joint_outputs = _dense_weight(outputs) if outputs is not None and layout.group_size == 1 else None
+            return fused_qkv_factors(key, weight, layout, joint_outputs)
         if role == "q":
             keys = partner("k")
             if keys is not None and not layout.rotary:
-                return self._query_key_factors(key, weight, _dense_weight(keys), layout, start=0)
-            return self._qr_factors(key, weight, layout.num_heads, layout.head_dim, "output")
+                return query_key_factors(key, weight, _dense_weight(keys), layout, start=0)
+            return qr_head_factors(key, weight, layout.num_heads, layout.head_dim, "output")
         if role == "k":
             if partner("q") is not None and not layout.rotary:
                 return None
-            return self._qr_factors(key, weight, layout.num_kv_heads, layout.head_dim, "output")
+            return qr_head_factors(key, weight, layout.num_kv_heads, layout.head_dim, "output")
         if role == "v":
             outputs = partner("o")
             if outputs is not None and layout.group_size == 1:
-                return self._value_output_factors(key, weight, _dense_weight(outputs), layout, start=0)
-            return self._qr_factors(key, weight, layout.num_kv_heads, layout.head_dim, "output")
+                return value_output_factors(key, weight, _dense_weight(outputs), layout, start=0)
+            return qr_head_factors(key, weight, layout.num_kv_heads, layout.head_dim, "output")
         # role == "o"
         if layout.group_size == 1 and (partner("v") is not None or partner("qkv") is not None):
             return None
-        return self._qr_factors(key, weight, layout.num_heads, layout.head_dim, "input")
-
-    # ---- factor builders ---------------------------------------------------------------------
-    @staticmethod
-    def _check_features(key: str, features: int, expected: int, what: str) -> None:
-        if features != expected:
-            raise ValueError(
-                f"CLOVER: {key} has {features} {what} features but the head layout needs {expected}. "
-                "Fix: pass num_heads, num_kv_heads and head_dim matching the model to CLOVERConfig."
-            )
-
-    @staticmethod
-    def _finish(
-        key: str, side: str, starts: list[int], head_dim: int, parts: tuple[torch.Tensor, ...]
-    ) -> HeadFactors:
-        s0, left, right = parts
-        if not all(torch.isfinite(t).all() for t in parts):
-            raise ValueError(
-                f"CLOVER: a head of {key} is rank-deficient, so it has no orthonormal {head_dim}-dim basis. "
-                "Fix: exclude this module (exclude_modules=[...])."
-            )
-        return HeadFactors(side, starts, head_dim, s0, left, right)  # type: ignore[arg-type]
-
-    def _qr_factors(
-        self, key: str, weight: torch.Tensor, heads: int, head_dim: int, side: str
-    ) -> HeadFactors:
-        if side == "output":
-            self._check_features(key, weight.shape[0], heads * head_dim, "output")
-            parts = qr_rows(weight.reshape(heads, head_dim, weight.shape[1]))
-        else:
-            self._check_features(key, weight.shape[1], heads * head_dim, "input")
-            parts = qr_columns(weight.reshape(weight.shape[0], heads, head_dim).transpose(0, 1))
-        return self._finish(key, side, [h * head_dim for h in range(heads)], head_dim, parts)
-
-    def _query_key_factors(
-        self, key: str, queries: torch.Tensor, keys: torch.Tensor, layout: _HeadLayout, start: int
-    ) -> HeadFactors:
-        n, dh = layout.num_heads, layout.head_dim
-        self._check_features(key, queries.shape[0], n * dh, "query output")
-        self._check_features(key, keys.shape[0], layout.num_kv_heads * dh, "key output")
-        q_heads = queries.reshape(n, dh, -1)
-        k_heads = keys.reshape(layout.num_kv_heads, dh, -1).repeat_interleave(layout.group_size, dim=0)
-        parts = joint_query_key(q_heads, k_heads)
-        return self._finish(key, "output", [start + h * dh for h in range(n)], dh, parts)
-
-    def _value_output_factors(
-        self, key: str, values: torch.Tensor, outputs: torch.Tensor, layout: _HeadLayout, start: int
-    ) -> HeadFactors:
-        n, dh = layout.num_heads, layout.head_dim
-        self._check_features(key, values.shape[0], n * dh, "value output")
-        self._check_features(key, outputs.shape[1], n * dh, "output-projection input")
-        v_heads = values.reshape(n, dh, -1)
-        o_heads = outputs.reshape(outputs.shape[0], n, dh).transpose(0, 1)
-        parts = joint_value_output(v_heads, o_heads)
-        return self._finish(key, "output", [start + h * dh for h in range(n)], dh, parts)
-
-    def _fused_factors(
-        self, key: str, weight: torch.Tensor, layout: _HeadLayout, outputs: nn.Module | None
-    ) -> HeadFactors:
-        n, kv, dh = layout.num_heads, layout.num_kv_heads, layout.head_dim
-        self._check_features(key, weight.shape[0], (n + 2 * kv) * dh, "output (fused q, k, v)")
-        q, k, v = weight.split([n * dh, kv * dh, kv * dh])
-        k_start, v_start = n * dh, (n + kv) * dh
-        pieces = []
-        if layout.rotary:
-            pieces.append(self._qr_factors(key, q, n, dh, "output"))
-            k_factors = self._qr_factors(key, k, kv, dh, "output")
-            k_factors.starts = [k_start + s for s in k_factors.starts]
-            pieces.append(k_factors)
-        else:
-            pieces.append(self._query_key_factors(key, q, k, layout, start=0))
-        if outputs is not None and layout.group_size == 1:
-            pieces.append(self._value_output_factors(key, v, _dense_weight(outputs), layout, start=v_start))
-        else:
-            v_factors = self._qr_factors(key, v, kv, dh, "output")
-            v_factors.starts = [v_start + s for s in v_factors.starts]
-            pieces.append(v_factors)
-        return dataclasses.replace(
-            pieces[0],
-            starts=[s for p in pieces for s in p.starts],
-            s0=torch.cat([p.s0 for p in pieces]),
-            left=torch.cat([p.left for p in pieces]),
-            right=torch.cat([p.right for p in pieces]),
-        )
+        return qr_head_factors(key, weight, layout.num_heads, layout.head_dim, "input")

@@ -1,16 +1,19 @@
-"""Fields every orthoft config shares with PEFT's configs, and its registration with PEFT."""
+"""Fields every orthoft config shares with PEFT's configs; each method's name and PEFT type."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from peft.config import PeftConfig
+
+from .registry import peft_type_for
 
 
 @dataclass
 class OrthoConfig(PeftConfig):
-    """Base of all orthoft configs. ``peft_type`` is set by each method to ``ORTHOFT_<METHOD>``.
+    """Base of all orthoft configs. Each method's config declares its name once, in the class variable
+    ``method`` (e.g. ``"oft"``); ``peft_type`` is derived from it (``ORTHOFT_OFT``) and registration uses it.
 
     Args:
         target_modules: module names or regex to adapt, or ``"all-linear"``; when omitted, a
@@ -31,21 +34,26 @@ class OrthoConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(default=None)
     modules_to_save: list[str] | None = field(default=None)
 
-    method_prefix = ""  # e.g. "oft": bias "oft_only" is accepted
+    method: ClassVar[str] = ""  # the method's name, e.g. "oft"; its PEFT type is peft_type_for(method)
+    # bias "<prefix>_only" is accepted; the prefix is the method name unless a method sets a shorter one
+    method_prefix: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.method:
+            self.peft_type = peft_type_for(self.method)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        allowed_bias = {"none", "all", f"{self.method_prefix}_only"}
+        allowed_bias = {"none", "all", f"{self.method_prefix or self.method}_only"}
         if self.bias not in allowed_bias:
             raise ValueError(f"{type(self).__name__}: bias={self.bias!r} is not one of {sorted(allowed_bias)}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{type(self).__name__}: layers_pattern needs layers_to_transform as well.")
 
-    def _check_positive(self, **values: int | float) -> None:
+    def check_positive(self, **values: int | float | None) -> None:
+        """Raise a ValueError naming the config and the option for each ``name=value`` that is <= 0 (None passes)."""
         for name, value in values.items():
             if value is not None and value <= 0:
                 raise ValueError(f"{type(self).__name__}: {name} must be > 0, got {value}.")

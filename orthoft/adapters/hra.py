@@ -18,8 +18,6 @@ from ..orthogonal import (
 from .base import OrthoLayer, OrthoTuner
 from .config import OrthoConfig
 
-PEFT_TYPE = "ORTHOFT_HRA"
-
 
 @dataclass
 class HRAConfig(OrthoConfig):
@@ -48,12 +46,11 @@ class HRAConfig(OrthoConfig):
     apply_GS: bool = field(default=False)
     reg_lambda: float = field(default=1e-4)
 
-    method_prefix = "hra"
+    method = "hra"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
-        self._check_positive(r=self.r)
+        self.check_positive(r=self.r)
         if self.reg_lambda < 0:
             raise ValueError(f"HRAConfig: reg_lambda must be >= 0, got {self.reg_lambda}.")
         if self.r % 2 and self.init_weights:

@@ -11,8 +11,6 @@ from ..orthogonal import drop_blocks, packed_size, rotate_blocks, rotation_from_
 from .base import OrthoLayer, OrthoTuner, resolve_block_size
 from .config import CayleyConfig
 
-PEFT_TYPE = "ORTHOFT_OFT"
-
 
 @dataclass
 class OFTConfig(CayleyConfig):
@@ -31,16 +29,15 @@ class OFTConfig(CayleyConfig):
     block_share: bool = field(default=False)
     module_dropout: float = field(default=0.0)
 
-    method_prefix = "oft"
+    method = "oft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
         if self.block_size and self.num_blocks:
             raise ValueError("OFTConfig: set block_size or num_blocks, not both.")
         if not self.block_size and not self.num_blocks:
             self.block_size = 32
-        self._check_positive(block_size=self.block_size, num_blocks=self.num_blocks)
+        self.check_positive(block_size=self.block_size, num_blocks=self.num_blocks)
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OFTConfig: module_dropout must be in [0, 1), got {self.module_dropout}.")
 

@@ -10,11 +10,9 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ..orthogonal import packed_size, rotation_from_packed
-from .base import OrthoLayer, OrthoTuner
+from ..orthogonal.spectral import principal_factors
+from .base import OrthoLayer, OrthoTuner, check_rank
 from .config import CayleyConfig
-from .spectral import check_rank, principal_factors
-
-PEFT_TYPE = "ORTHOFT_PSOFT"
 
 
 @dataclass
@@ -46,12 +44,11 @@ class PSOFTConfig(CayleyConfig):
     train_scale_a: bool = field(default=True)
     train_scale_b: bool = field(default=True)
 
-    method_prefix = "psoft"
+    method = "psoft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
-        self._check_positive(r=self.r)
+        self.check_positive(r=self.r)
         if self.svd not in ("full", "lowrank"):
             raise ValueError(f"PSOFTConfig: svd must be 'full' or 'lowrank', got {self.svd!r}.")
         if self.svd_niter < 0:
@@ -102,9 +99,7 @@ class PSOFTLayer(OrthoLayer):
     def core(self, adapter_name: str) -> torch.Tensor:
         """``diag(b) R diag(a)`` (float32, ``r x r``), rebuilt only when a parameter changed (inference)."""
         tensors = [self.orthoft_psoft_skew[adapter_name]]
-        tensors += [
-            d[adapter_name] for d in (self.orthoft_psoft_a, self.orthoft_psoft_b) if adapter_name in d
-        ]
+        tensors += [d[adapter_name] for d in (self.orthoft_psoft_a, self.orthoft_psoft_b) if adapter_name in d]
         return self.cached_for_inference(adapter_name, tensors, lambda: self._build_core(adapter_name))
 
     def _build_core(self, adapter_name: str) -> torch.Tensor:
@@ -116,7 +111,7 @@ class PSOFTLayer(OrthoLayer):
         return core
 
     def adapter_delta_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._compute_dtype(x)
+        dtype = self.compute_dtype(x)
         factor_a = self.orthoft_psoft_A[adapter_name].to(dtype)
         factor_b = self.orthoft_psoft_B[adapter_name].to(dtype)
         projected = x.to(dtype) @ factor_a.T  # (..., r) coordinates in the principal subspace

@@ -20,8 +20,6 @@ from ..orthogonal.givens import LAYOUTS, GivensPlan
 from .base import OrthoLayer, OrthoTuner
 from .config import OrthoConfig
 
-PEFT_TYPE = "ORTHOFT_QGOFT"
-
 
 @dataclass
 class QGOFTConfig(OrthoConfig):
@@ -51,16 +49,15 @@ class QGOFTConfig(OrthoConfig):
     layout: Literal["tree", "butterfly"] = field(default="tree")
     num_layers: int | None = field(default=None)
 
-    method_prefix = "qgoft"
+    method = "qgoft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
         if self.layout not in LAYOUTS:
             raise ValueError(f"QGOFTConfig: layout={self.layout!r} is not one of {LAYOUTS}.")
         if self.reg_lambda < 0:
             raise ValueError(f"QGOFTConfig: reg_lambda must be >= 0, got {self.reg_lambda}.")
-        self._check_positive(num_layers=self.num_layers)
+        self.check_positive(num_layers=self.num_layers)
 
 
 class QGOFTLayer(OrthoLayer):

@@ -9,10 +9,13 @@ upgrade breaks the round trip.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from peft import mapping
 
-from .base import OrthoTuner
-from .config import OrthoConfig
+if TYPE_CHECKING:  # annotations only: config.py imports peft_type_for from here
+    from .base import OrthoTuner
+    from .config import OrthoConfig
 
 PEFT_TYPE_PREFIX = "ORTHOFT_"
 REGISTERED: dict[str, tuple[type[OrthoConfig], type[OrthoTuner]]] = {}
@@ -33,8 +36,17 @@ def registered_methods() -> dict[str, type[OrthoConfig]]:
     return {method_of(peft_type): config for peft_type, (config, _) in REGISTERED.items()}
 
 
-def register_method(peft_type: str, config_cls: type[OrthoConfig], tuner_cls: type[OrthoTuner]) -> None:
-    """Make ``peft_type`` known to PEFT; idempotent for the same classes."""
+def register_method(config_cls: type[OrthoConfig], tuner_cls: type[OrthoTuner]) -> str:
+    """Make ``config_cls.method`` known to PEFT under ``peft_type_for(config_cls.method)``; returns that type.
+
+    Idempotent for the same classes.
+    """
+    if not config_cls.method:
+        raise ValueError(
+            f"register_method: {config_cls.__name__} declares no method name. "
+            'Fix: set the class variable method = "<name>" on the config class.'
+        )
+    peft_type = peft_type_for(config_cls.method)
     for existing_type, prefix in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if prefix == tuner_cls.prefix and existing_type != peft_type:
             raise KeyError(f"PEFT prefix {prefix!r} of {peft_type} is already used by {existing_type}")
@@ -42,3 +54,4 @@ def register_method(peft_type: str, config_cls: type[OrthoConfig], tuner_cls: ty
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner_cls.prefix
     REGISTERED[peft_type] = (config_cls, tuner_cls)
+    return peft_type

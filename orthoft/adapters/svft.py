@@ -10,13 +10,10 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from .base import OrthoLayer, OrthoTuner
+from ..orthogonal.sparsity import SparsityPattern, sparsity_indices
+from ..orthogonal.spectral import canonical_signs, principal_factors
+from .base import OrthoLayer, OrthoTuner, check_rank
 from .config import OrthoConfig
-from .spectral import canonical_signs, check_rank, principal_factors
-
-PEFT_TYPE = "ORTHOFT_SVFT"
-
-SparsityPattern = Literal["plain", "banded", "random", "top_k"]
 
 
 @dataclass
@@ -58,77 +55,24 @@ class SVFTConfig(OrthoConfig):
     seed: int = field(default=0)
     store_basis: bool | None = field(default=None)
 
-    method_prefix = "svft"
+    method = "svft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
         if self.pattern not in ("plain", "banded", "random", "top_k"):
             raise ValueError(
-                f"SVFTConfig: pattern {self.pattern!r} is unknown. "
-                "Fix: use 'plain', 'banded', 'random' or 'top_k'."
+                f"SVFTConfig: pattern {self.pattern!r} is unknown. Fix: use 'plain', 'banded', 'random' or 'top_k'."
             )
         if self.bandwidth < 0:
             raise ValueError(f"SVFTConfig: bandwidth must be >= 0, got {self.bandwidth}.")
-        self._check_positive(num_entries=self.num_entries, rank=self.rank)
+        self.check_positive(num_entries=self.num_entries, rank=self.rank)
         if self.svd not in ("full", "lowrank"):
             raise ValueError(f"SVFTConfig: svd must be 'full' or 'lowrank', got {self.svd!r}.")
         if self.svd == "lowrank" and self.rank is None:
-            raise ValueError(
-                "SVFTConfig: svd='lowrank' needs a truncated basis. Fix: set rank=... or svd='full'."
-            )
+            raise ValueError("SVFTConfig: svd='lowrank' needs a truncated basis. Fix: set rank=... or svd='full'.")
 
     def stores_basis(self) -> bool:
         return self.store_basis if self.store_basis is not None else self.rank is not None
-
-
-def banded_indices(n: int, bandwidth: int) -> torch.Tensor:
-    """``(2, k)`` (row, col) pairs with ``|row - col| <= bandwidth``, row-major."""
-    rows = torch.arange(n).repeat_interleave(2 * bandwidth + 1)
-    cols = rows + torch.arange(-bandwidth, bandwidth + 1).repeat(n)
-    keep = (cols >= 0) & (cols < n)
-    return torch.stack([rows[keep], cols[keep]])
-
-
-def banded_count(n: int, bandwidth: int) -> int:
-    """Number of entries of an ``n x n`` band of half-width ``bandwidth``."""
-    b = min(bandwidth, n - 1)
-    return n * (2 * b + 1) - b * (b + 1)
-
-
-def sparsity_indices(
-    pattern: SparsityPattern,
-    n: int,
-    bandwidth: int = 2,
-    num_entries: int | None = None,
-    seed: int = 0,
-    u: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Positions ``(2, k)`` (row, col) of the trainable entries of ``M``, sorted row-major.
-
-    ``u`` (out, n) and ``v`` (in, n) are the singular vectors; ``"top_k"`` needs them with
-    ``out == in`` and picks the pairs ``(i, j)`` with the largest alignment ``|u_i . v_j|``.
-    """
-    if pattern == "plain":
-        diagonal = torch.arange(n)
-        return torch.stack([diagonal, diagonal])
-    if pattern == "banded":
-        return banded_indices(n, bandwidth)
-    k = num_entries if num_entries is not None else banded_count(n, bandwidth)
-    k = min(k, n * n)
-    if pattern == "random":
-        generator = torch.Generator().manual_seed(seed)
-        flat = torch.randperm(n * n, generator=generator)[:k]
-    elif pattern == "top_k":
-        if u is None or v is None or u.shape[0] != v.shape[0]:
-            raise ValueError("SVFT: pattern 'top_k' needs the singular vectors of a square weight.")
-        alignment = (u.float().T @ v.float()).abs()  # (n, n): entry (i, j) is |u_i . v_j|
-        flat = torch.topk(alignment.flatten().cpu(), k).indices
-    else:
-        raise ValueError(f"SVFT: unknown pattern {pattern!r}")
-    flat = flat.sort().values
-    return torch.stack([flat // n, flat % n])
 
 
 class SVFTLayer(OrthoLayer):
@@ -188,7 +132,7 @@ class SVFTLayer(OrthoLayer):
         return torch.zeros_like(coords).index_add_(0, rows, contributions)
 
     def adapter_delta_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._compute_dtype(x)
+        dtype = self.compute_dtype(x)
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
         coords = self.orthoft_svft_V[adapter_name].to(dtype).T @ rows.T  # (r, N) = (x V_r)^T
         mixed = self.sparse_apply(adapter_name, coords)

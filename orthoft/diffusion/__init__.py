@@ -1,14 +1,15 @@
 """Orthogonal adapters in diffusers pipelines: tiny digits pipeline, DreamBooth training, Orthogonal Adaptation.
 
-Importing this package registers the Orthogonal Adaptation method with PEFT (cheap); the
-diffusers-based modules load on first use, so ``orthoft --help`` stays fast.
+Importing this package is cheap: the diffusers-based modules load on first use. The command line
+is ``orthoft.cli.diffusion``.
 
 * ``orthoft.diffusion.models``: tiny pixel-space IF pipeline from a fixed config (MiniLM text
   encoder), UNet target-module groups, prompt/image encoding shared with Stable Diffusion.
 * ``orthoft.diffusion.train``: Accelerate loop for pre-training and DreamBooth adapter fine-tuning.
 * ``orthoft.diffusion.recipe`` / ``digits``: the YAML recipe schema and the digits recipe runner.
 * ``orthoft.diffusion.pipeline_io``: saving adapters, loading them into a pipeline, merging, export.
-* ``orthoft.diffusion.orthogonal_adaptation``: concept adapters with mutually orthogonal bases.
+* ``orthoft.diffusion.concepts``: loading, merging and measuring Orthogonal Adaptation concepts (the
+  method itself, registered with PEFT like every orthoft method, is ``orthoft.adapters.orthogonal_adaptation``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import orthogonal_adaptation  # noqa: F401  (registers ORTHOFT_ORTHOGONAL_ADAPTATION with PEFT)
-from .cli import add_parser
-from .orthogonal_adaptation import OrthogonalAdaptationConfig
+from ..adapters.orthogonal_adaptation import OrthogonalAdaptationConfig
 
 _LAZY = {
     "build_tiny_pipeline": "models",
@@ -45,4 +44,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'orthoft.diffusion' has no attribute {name!r}")
 
 
-__all__ = ["OrthogonalAdaptationConfig", "add_parser", *sorted(_LAZY)]
+__all__ = ["OrthogonalAdaptationConfig", *sorted(_LAZY)]

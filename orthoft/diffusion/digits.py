@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline
 
 from ..defaults import cache_dir
 from ..io.files import staged_directory
-from . import orthogonal_adaptation as oa
+from . import concepts as oa
 from .data import DigitImages, load_digits, split
 from .grid import save_panels
 from .models import TINY_SCHEDULER_CONFIG, TINY_UNET_CONFIG, build_tiny_pipeline, load_pipeline, noise_prediction

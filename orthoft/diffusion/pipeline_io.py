@@ -16,9 +16,9 @@ from diffusers import DiffusionPipeline
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-import orthoft  # noqa: F401  (registers the orthoft methods PeftModel.from_pretrained must know)
+import orthoft.adapters  # noqa: F401  (registers every orthoft method, Orthogonal Adaptation included)
 
-from . import orthogonal_adaptation  # noqa: F401  (and Orthogonal Adaptation)
+from ..io.files import staged_directory
 
 
 def load_adapter_into_pipeline(
@@ -59,7 +59,10 @@ def merge_adapter_into_pipeline(
 
 
 def export_pipeline(pipeline: DiffusionPipeline, output_dir: str | Path) -> Path:
-    """``save_pretrained`` in safetensors; refuses a UNet that still holds adapter modules."""
+    """``save_pretrained`` in safetensors, staged so ``output_dir`` appears complete or not at all.
+
+    An existing ``output_dir`` is replaced. Refuses a UNet that still holds adapter modules.
+    """
     leftover = [name for name, module in pipeline.unet.named_modules() if isinstance(module, BaseTunerLayer)]
     if leftover:
         raise ValueError(
@@ -67,5 +70,6 @@ def export_pipeline(pipeline: DiffusionPipeline, output_dir: str | Path) -> Path
             "load it. Fix: merge_adapter_into_pipeline(pipeline, peft_unet) first."
         )
     output_dir = Path(output_dir)
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    with staged_directory(output_dir) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
     return output_dir

@@ -30,7 +30,6 @@ from ..io.schema import (
     check_type,
     method_config_class,
 )
-from . import orthogonal_adaptation  # noqa: F401  (the recipe may name method orthogonal_adaptation)
 from .models import UNET_TARGET_GROUPS, unet_target_modules
 from .train import DenoiserTrainingSettings
 
@@ -151,7 +150,7 @@ class ConceptsSection:
     basis_seed: int = 0
 
     def check(self, where: str) -> None:
-        from .orthogonal_adaptation import BASIS_KINDS
+        from ..adapters.orthogonal_adaptation import BASIS_KINDS
 
         if len(self.items) < 2:
             raise RecipeError(f"{where}.items: needs at least 2 concepts to merge, got {len(self.items)}.")

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from peft import PeftConfig, get_peft_model
 
+from ..io.dtypes import resolve_dtype
+from ..training.engine import float32_trainable, make_accelerator, optimizer_update
 from .models import encode_prompts, images_to_model_space, is_latent_pipeline, noise_prediction, training_target
 
 
@@ -199,6 +201,63 @@ def _batch(data: ImageSet, size: int, generator: torch.Generator) -> tuple[torch
     return data.images[index], [data.prompts[i] for i in index.tolist()]
 
 
+def _micro_batch(
+    data: ImageSet, prior: ImageSet | None, settings: DenoiserTrainingSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, list[str], int]:
+    """(images, prompts, number of instance images first); prior images follow the instance images."""
+    images, prompts = _batch(data, settings.batch_size, generator)
+    if settings.condition_dropout > 0:
+        drop = torch.rand(len(prompts), generator=generator) < settings.condition_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    n_instance = len(prompts)
+    if prior is not None and settings.prior_loss_weight > 0:
+        # one forward over instance + prior images, as diffusers' DreamBooth does
+        prior_images, prior_prompts = _batch(prior, settings.batch_size, generator)
+        images, prompts = torch.cat([images, prior_images]), prompts + prior_prompts
+    return images, prompts, n_instance
+
+
+def _dreambooth_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight: float) -> torch.Tensor:
+    """Mean instance loss plus the weighted mean prior-preservation loss (when prior samples follow)."""
+    loss = per_sample[:n_instance].mean()
+    if len(per_sample) > n_instance:
+        loss = loss + prior_loss_weight * per_sample[n_instance:].mean()
+    return loss
+
+
+def _training_prompts(data: ImageSet, prior: ImageSet | None, validation: ImageSet | None) -> list[str]:
+    return (
+        list(data.prompts) + (list(prior.prompts) if prior else []) + (list(validation.prompts) if validation else [])
+    )
+
+
+def _log_progress(
+    result: TrainingResult, settings: DenoiserTrainingSettings, log: Callable[[str], None] | None
+) -> None:
+    done = len(result.losses)
+    if log and settings.log_every and (done % settings.log_every == 0 or done == settings.steps):
+        recent = result.losses[-settings.log_every :]
+        log(f"step {done}/{settings.steps} loss {sum(recent) / len(recent):.5f}")
+
+
+def _record_validation(
+    result: TrainingResult,
+    when: str,
+    model: torch.nn.Module,
+    pipeline: DiffusionPipeline,
+    validation: ImageSet | None,
+    embeddings: PromptEmbeddings,
+    log: Callable[[str], None] | None,
+) -> None:
+    """Set ``result.validation_<when>`` (``before``/``after``) when there is a validation set."""
+    if validation is None:
+        return
+    value = validation_loss(model, pipeline, validation, embeddings)
+    setattr(result, f"validation_{when}", value)
+    if log:
+        log(f"validation loss {when}: {value:.5f}")
+
+
 def train_denoiser(
     pipeline: DiffusionPipeline,
     model: torch.nn.Module,
@@ -214,98 +273,64 @@ def train_denoiser(
     ``PeftModel`` around it (adapters inject into ``pipeline.unet`` in place, so sampling with
     ``pipeline`` afterwards uses the trained adapters).
     """
-    from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    accelerator = Accelerator(
-        mixed_precision=settings.mixed_precision, gradient_accumulation_steps=settings.gradient_accumulation_steps
-    )
+    accelerator = make_accelerator(settings.mixed_precision, settings.gradient_accumulation_steps)
     device = accelerator.device
     _move_frozen_components(pipeline, device, settings.mixed_precision)
     model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError(
-            "train_denoiser: the model has no trainable parameters. Fix: wrap it with get_peft_model first."
-        )
-    for p in trainable:  # adapters (and a pre-trained UNet) train in float32 under any autocast
-        p.data = p.data.float()
-    prompts = (
-        list(data.prompts) + (list(prior.prompts) if prior else []) + (list(validation.prompts) if validation else [])
-    )
-    embeddings = PromptEmbeddings(pipeline, prompts, device)
+    trainable = float32_trainable(model)  # adapters (and a pre-trained UNet) train in float32 under any autocast
+    embeddings = PromptEmbeddings(pipeline, _training_prompts(data, prior, validation), device)
     result = TrainingResult(model=model)
-    if validation is not None:
-        result.validation_before = validation_loss(model, pipeline, validation, embeddings)
-        if log:
-            log(f"validation loss before: {result.validation_before:.5f}")
+    _record_validation(result, "before", model, pipeline, validation, embeddings, log)
 
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     warmup = max(1, settings.warmup_steps)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    # the prepared schedule steps once per optimizer update (per process count under DDP), as before the engine
     prepared_model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     ema = EMAModel(trainable, decay=settings.ema_decay) if settings.ema_decay is not None else None
     if ema is not None:
         ema.to(device)
 
     generator = torch.Generator().manual_seed(settings.seed + accelerator.process_index)
-    scheduler = pipeline.scheduler
     prepared_model.train()
     start = time.perf_counter()
     for _ in range(settings.steps * settings.gradient_accumulation_steps):
         with accelerator.accumulate(prepared_model):
-            images, batch_prompts = _batch(data, settings.batch_size, generator)
-            if settings.condition_dropout > 0:
-                drop = torch.rand(len(batch_prompts), generator=generator) < settings.condition_dropout
-                batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop.tolist())]
-            n_instance = len(batch_prompts)
-            if prior is not None and settings.prior_loss_weight > 0:
-                # one forward over instance + prior images, as diffusers' DreamBooth does
-                prior_images, prior_prompts = _batch(prior, settings.batch_size, generator)
-                images, batch_prompts = torch.cat([images, prior_images]), batch_prompts + prior_prompts
+            images, prompts, n_instance = _micro_batch(data, prior, settings, generator)
             clean = images_to_model_space(pipeline, images.to(device))
             with accelerator.autocast():
                 per_sample = denoising_loss(
                     prepared_model,
-                    scheduler,
+                    pipeline.scheduler,
                     clean,
-                    embeddings(batch_prompts),
+                    embeddings(prompts),
                     generator,
                     settings.snr_gamma,
                     reduce=False,
                 )
-            loss = per_sample[:n_instance].mean()
-            if len(per_sample) > n_instance:
-                loss = loss + settings.prior_loss_weight * per_sample[n_instance:].mean()
+            loss = _dreambooth_loss(per_sample, n_instance, settings.prior_loss_weight)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+                optimizer_update(accelerator, optimizer, lr_schedule, trainable, settings.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(trainable)
             result.losses.append(float(loss.detach()))
-            done = len(result.losses)
-            if log and settings.log_every and (done % settings.log_every == 0 or done == settings.steps):
-                recent = result.losses[-settings.log_every :]
-                log(f"step {done}/{settings.steps} loss {sum(recent) / len(recent):.5f}")
+            _log_progress(result, settings, log)
     if ema is not None:
         ema.copy_to(trainable)
     result.seconds = time.perf_counter() - start
     result.model = accelerator.unwrap_model(prepared_model)
     result.model.eval()
-    if validation is not None:
-        result.validation_after = validation_loss(result.model, pipeline, validation, embeddings)
-        if log:
-            log(f"validation loss after: {result.validation_after:.5f}")
+    _record_validation(result, "after", result.model, pipeline, validation, embeddings, log)
     return result
 
 
 def _move_frozen_components(pipeline: DiffusionPipeline, device: torch.device, mixed_precision: str) -> None:
     # frozen text encoder / VAE run in the half dtype under mixed precision, as in diffusers' scripts
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, None)
+    dtype = None if mixed_precision == "no" else resolve_dtype(mixed_precision, "mixed_precision")
     for name in ("text_encoder", "vae"):
         module = getattr(pipeline, name, None)
         if module is not None:

@@ -8,7 +8,7 @@ from .newton_schulz import (
     KELLER_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
     ROOT_COEFFICIENTS,
-    orthogonality_error,
+    max_singular_value_deviation,
     orthogonalize,
 )
 from .optimizers import ROOT, AuON, HybridAuON, Muon, NorMuon, OrthogonalizedOptimizer, TurboMuon
@@ -31,7 +31,7 @@ __all__ = [
     "VIEW_NAMES",
     "build_optimizer",
     "get_view",
-    "orthogonality_error",
+    "max_singular_value_deviation",
     "orthogonalize",
     "route_parameters",
 ]

@@ -21,7 +21,6 @@ Methods (``orthogonalize(..., method=...)``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -114,9 +113,7 @@ def with_safety(coefficients: Coefficients, safety: float) -> Coefficients:
     return (a / safety, b / safety**3, c / safety**5)
 
 
-def polar_express_schedule(
-    steps: int, safety: float = POLAR_EXPRESS_SAFETY, skip: int = 0
-) -> list[Coefficients]:
+def polar_express_schedule(steps: int, safety: float = POLAR_EXPRESS_SAFETY, skip: int = 0) -> list[Coefficients]:
     """The first ``steps`` Polar Express polynomials after skipping ``skip``, with the safety margin.
 
     The last published polynomial is the fixed point ``(1.875, -1.25, 0.375)`` and is kept exact,
@@ -187,9 +184,7 @@ def aol_precondition(
     return x * scale.unsqueeze(-1), gram
 
 
-def quintic_step(
-    x: torch.Tensor, coefficients: Coefficients, gram: torch.Tensor | None = None
-) -> torch.Tensor:
+def quintic_step(x: torch.Tensor, coefficients: Coefficients, gram: torch.Tensor | None = None) -> torch.Tensor:
     """``a x + b (x x^T) x + c (x x^T)^2 x`` for a ``(batch, m, n)`` stack with m <= n."""
     a, b, c = coefficients
     if gram is None:
@@ -222,8 +217,10 @@ def orthogonalize(
     Returns a tensor shaped and typed like ``g``.
     """
     if g.ndim < 2:
-        raise ValueError(f"orthogonalize needs (..., m, n) matrices, got shape {tuple(g.shape)}; "
-                         "route vectors to the AdamW fallback instead.")
+        raise ValueError(
+            f"orthogonalize needs (..., m, n) matrices, got shape {tuple(g.shape)}; "
+            "route vectors to the AdamW fallback instead."
+        )
     if method not in METHODS:
         raise ValueError(f"Unknown orthogonalization method {method!r}; use one of {METHODS}.")
     steps = DEFAULT_STEPS[method] if steps is None else steps
@@ -255,16 +252,11 @@ def orthogonalize(
     return x.reshape(g.shape).to(g.dtype)
 
 
-def orthogonality_error(x: torch.Tensor) -> float:
-    """Largest ``|sigma - 1|`` over the singular values of every matrix in ``x`` (float64 SVD)."""
+def max_singular_value_deviation(x: torch.Tensor) -> float:
+    """Largest ``|sigma - 1|`` over the singular values of every matrix in ``x`` (float64 SVD).
+
+    How far an orthogonalization result is from an exact polar factor (0 for one). Not
+    ``orthoft.orthogonal.orthogonality_error``, which is ``max |R^T R - I|`` over the entries.
+    """
     singular_values = torch.linalg.svdvals(x.double())
     return float((singular_values - 1).abs().max())
-
-
-def matrix_with_condition(rows: int, cols: int, condition: float, generator: torch.Generator) -> torch.Tensor:
-    """A random ``rows x cols`` float32 matrix with log-spaced singular values from 1 to ``1/condition``."""
-    k = min(rows, cols)
-    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))
-    singular_values = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
-    return ((u * singular_values) @ v.T).float()

@@ -9,7 +9,8 @@ block, BOFT a grid of them, HRA a ``d x r`` matrix. A view is a pair of function
 Views (the strings adapter layers put in their ``optimizer_views`` class attribute):
 
 - ``"skew_packed"``: the last dim packs the strict upper triangle of a ``b x b`` skew-symmetric
-  matrix in ``torch.triu_indices(b, b, 1)`` row-major order (``L = b(b-1)/2``); leading dims are
+  matrix in ``torch.triu_indices(b, b, 1)`` row-major order (``L = b(b-1)/2``, the packing of
+  ``orthoft.orthogonal.skew``, which does the unpacking and repacking); leading dims are
   independent blocks. Each block is unpacked to ``Q - Q^T`` and orthogonalized on its own (odd
   matrix polynomials keep skew matrices skew); blocks are never mixed.
 - ``"matrix"``: a 2-D tensor is one matrix.
@@ -19,11 +20,12 @@ Views (the strings adapter layers put in their ``optimizer_views`` class attribu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ..orthogonal.skew import block_size_from_packed, unpack_skew, upper_entries
 
 VECTOR = "vector"
 
@@ -36,42 +38,33 @@ class MatrixView:
 
 
 def skew_block_size(packed_length: int) -> int:
-    """``b`` with ``b(b-1)/2 == packed_length``; raises if the length is not triangular."""
-    b = (1 + math.isqrt(1 + 8 * packed_length)) // 2
-    if b * (b - 1) // 2 != packed_length:
+    """``b`` with ``b(b-1)/2 == packed_length``; raises, naming the fix, if the length is not triangular."""
+    try:
+        return block_size_from_packed(packed_length)
+    except ValueError as error:
         raise ValueError(
             f"A skew_packed tensor's last dim must be b(b-1)/2 for some block size b, got {packed_length}; "
             "declare the tensor with another view (e.g. 'matrix_stack') if it is not a packed skew block."
-        )
-    return b
-
-
-def _upper_indices(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(b, b, 1, device=device)
-    return rows, cols
+        ) from error
 
 
 def skew_to_matrices(t: torch.Tensor) -> torch.Tensor:
     """Unpack ``(..., b(b-1)/2)`` strict-upper entries to a ``(B, b, b)`` stack of ``Q - Q^T``."""
     b = skew_block_size(t.shape[-1])
-    packed = t.reshape(-1, t.shape[-1])
-    rows, cols = _upper_indices(b, t.device)
-    upper = packed.new_zeros(packed.shape[0], b, b)
-    upper[:, rows, cols] = packed
-    return upper - upper.mT
+    return unpack_skew(t.reshape(-1, t.shape[-1]), b)
 
 
 def skew_from_matrices(mats: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Repack the strict upper triangle of each ``b x b`` block into ``like``'s shape."""
-    b = mats.shape[-1]
-    rows, cols = _upper_indices(b, mats.device)
-    return mats[:, rows, cols].reshape(like.shape)
+    """Repack the strict upper triangle of each ``b x b`` block (taken as it is) into ``like``'s shape."""
+    return upper_entries(mats).reshape(like.shape)
 
 
 def matrix_to_matrices(t: torch.Tensor) -> torch.Tensor:
     if t.ndim != 2:
-        raise ValueError(f"The 'matrix' view needs a 2-D tensor, got shape {tuple(t.shape)}; "
-                         "use 'matrix_stack' for (..., m, n) batches.")
+        raise ValueError(
+            f"The 'matrix' view needs a 2-D tensor, got shape {tuple(t.shape)}; "
+            "use 'matrix_stack' for (..., m, n) batches."
+        )
     return t.unsqueeze(0)
 
 
@@ -81,8 +74,9 @@ def matrix_from_matrices(mats: torch.Tensor, like: torch.Tensor) -> torch.Tensor
 
 def stack_to_matrices(t: torch.Tensor) -> torch.Tensor:
     if t.ndim < 2:
-        raise ValueError(f"The 'matrix_stack' view needs (..., m, n), got shape {tuple(t.shape)}; "
-                         "use 'vector' for 1-D tensors.")
+        raise ValueError(
+            f"The 'matrix_stack' view needs (..., m, n), got shape {tuple(t.shape)}; use 'vector' for 1-D tensors."
+        )
     return t.reshape(-1, *t.shape[-2:])
 
 

@@ -1,5 +1,5 @@
 """Pure tensor math shared by every orthoft method: skew packing, Cayley maps, block, butterfly,
-Givens and Householder rotations."""
+Givens and Householder rotations, singular factors, sparsity patterns and per-head factorizations."""
 
 from .blocks import block_diagonal, drop_blocks, rotate_blocks
 from .butterfly import apply_butterfly, butterfly_dense, butterfly_indices, butterfly_permutation
@@ -24,6 +24,7 @@ from .givens import (
     max_givens_layers,
     quasi_orthogonality_penalty,
 )
+from .heads import HeadFactors, joint_query_key, joint_value_output, positive_qr, qr_columns, qr_rows
 from .householder import (
     apply_householder,
     apply_householder_sequential,
@@ -34,24 +35,32 @@ from .householder import (
     normalized_gram_penalty,
     orthonormal_basis,
 )
-from .skew import block_size_from_packed, pack_skew, packed_size, unpack_skew
+from .skew import block_size_from_packed, pack_skew, packed_size, unpack_skew, upper_entries
+from .sparsity import SparsityPattern, banded_count, banded_indices, sparsity_indices
+from .spectral import SVDMethod, canonical_signs, principal_factors
 
 __all__ = [
     "DEFAULT_MAX_SKEW_NORM",
     "DEFAULT_NEUMANN_DEGREE",
     "GivensPlan",
+    "HeadFactors",
+    "SVDMethod",
+    "SparsityPattern",
     "angles_to_blocks",
     "apply_butterfly",
     "apply_givens",
     "apply_householder",
     "apply_householder_sequential",
     "apply_subspace_reflection",
+    "banded_count",
+    "banded_indices",
     "block_diagonal",
     "block_size_from_packed",
     "bound_skew_norm",
     "butterfly_dense",
     "butterfly_indices",
     "butterfly_permutation",
+    "canonical_signs",
     "cayley_exact",
     "cayley_neumann",
     "drop_blocks",
@@ -63,14 +72,22 @@ __all__ = [
     "householder_wy_right",
     "identity_blocks",
     "invert_blocks",
+    "joint_query_key",
+    "joint_value_output",
     "max_givens_layers",
     "normalized_gram_penalty",
     "orthogonality_error",
     "orthonormal_basis",
     "pack_skew",
     "packed_size",
+    "positive_qr",
+    "principal_factors",
+    "qr_columns",
+    "qr_rows",
     "quasi_orthogonality_penalty",
     "rotate_blocks",
     "rotation_from_packed",
+    "sparsity_indices",
     "unpack_skew",
+    "upper_entries",
 ]

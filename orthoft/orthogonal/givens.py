@@ -233,18 +233,3 @@ def givens_matrix(blocks: torch.Tensor, plan: GivensPlan) -> torch.Tensor:
     """Dense ``R`` (``features x features``), for tests and inspection only."""
     eye = torch.eye(plan.features, dtype=blocks.dtype, device=blocks.device)
     return apply_givens(eye, blocks, plan).T
-
-
-def layer_matrix(blocks: torch.Tensor, plan: GivensPlan, layer: int) -> torch.Tensor:
-    """Dense ``G_layer`` (1-based) alone, built from the pair list: an independent reference for tests."""
-    d = plan.features
-    dense = torch.eye(d, dtype=blocks.dtype, device=blocks.device)
-    pairs = givens_pairs(plan)
-    offset = sum(len(left) for left, _ in pairs[: layer - 1])
-    left, right = pairs[layer - 1]
-    block = blocks[offset : offset + len(left)]
-    dense[left, left] = block[:, 0, 0]
-    dense[left, right] = block[:, 0, 1]
-    dense[right, left] = block[:, 1, 0]
-    dense[right, right] = block[:, 1, 1]
-    return dense

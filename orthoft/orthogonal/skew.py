@@ -44,10 +44,18 @@ def unpack_skew(packed: torch.Tensor, block_size: int | None = None) -> torch.Te
     return upper - upper.transpose(-1, -2)
 
 
-def pack_skew(matrix: torch.Tensor) -> torch.Tensor:
-    """``(..., b, b) -> (..., b(b-1)/2)``: the strict upper triangle of the skew part of ``matrix``."""
+def upper_entries(matrix: torch.Tensor) -> torch.Tensor:
+    """``(..., b, b) -> (..., b(b-1)/2)``: the strict upper triangle in packed order, taken as it is.
+
+    For a matrix that is already skew-symmetric this is :func:`pack_skew` without averaging in the
+    lower triangle, so values round-trip bit for bit through :func:`unpack_skew`.
+    """
     b = matrix.shape[-1]
     rows, cols = _upper_indices(b)
     rows, cols = rows.to(matrix.device), cols.to(matrix.device)
-    skew = 0.5 * (matrix - matrix.transpose(-1, -2))
-    return skew[..., rows, cols]
+    return matrix[..., rows, cols]
+
+
+def pack_skew(matrix: torch.Tensor) -> torch.Tensor:
+    """``(..., b, b) -> (..., b(b-1)/2)``: the strict upper triangle of the skew part of ``matrix``."""
+    return upper_entries(0.5 * (matrix - matrix.transpose(-1, -2)))

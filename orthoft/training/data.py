@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
+from ..io.batches import IGNORE_INDEX
 from .recipe import DataSection, RecipeError
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -174,24 +173,6 @@ def _hf_data(section: DataSection, tokenizer: Any, task: str, seed: int) -> Task
     )
 
 
-def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding for LM)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    token_labels = isinstance(examples[0]["labels"], list)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
-        attention_mask[row, :n] = 1
-        if token_labels:
-            labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
-    if not token_labels:
-        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 class BatchPlan:
     """Which examples each process sees in each micro-batch, as a pure function of the position.
 
@@ -221,8 +202,3 @@ class BatchPlan:
 
     def epoch_of(self, micro_batch: int) -> float:
         return micro_batch / self.per_epoch
-
-
-def shard(examples: list[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
-    """Process ``rank``'s share of an evaluation set (every example goes to exactly one process)."""
-    return examples[rank::world_size]

@@ -14,32 +14,24 @@ from typing import Any
 import torch
 from torch import nn
 
+import orthoft.adapters  # noqa: F401  (registers the methods with PEFT)
+
+from .. import defaults
+from ..io.dtypes import resolve_dtype
 from ..io.schema import AdapterSection, RecipeError, method_config_class
 from .recipe import ModelSection
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
 
 
 def resolve_path(name_or_path: str) -> str:
     """``smollm2`` / ``minilm`` -> the embedded folders; anything else is returned unchanged."""
-    from orthoft import defaults
-
     shortcuts = {"smollm2": defaults.smollm2_path, "minilm": defaults.minilm_path}
     if name_or_path.lower() in shortcuts:
         return str(shortcuts[name_or_path.lower()]())
     return name_or_path
-
-
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU with bf16 support, float16 on other GPUs, float32 on CPU."""
-    if name != "auto":
-        return DTYPES[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def load_tokenizer(section: ModelSection) -> Any:
@@ -68,7 +60,8 @@ def load_base_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto_cls = AutoModelForCausalLM if section.task == "causal_lm" else AutoModelForSequenceClassification
-    compute_dtype = resolve_compute_dtype(section.compute_dtype)
+    # auto: bfloat16 on a GPU with bf16 support, float16 on other GPUs, float32 on CPU
+    compute_dtype = resolve_dtype(section.compute_dtype, "model.compute_dtype")
     task_kwargs: dict[str, Any] = {}
     if section.task == "sequence_classification":
         task_kwargs["num_labels"] = section.num_labels
@@ -109,6 +102,7 @@ def load_base_model(
 
 
 def is_quantized(model: nn.Module) -> bool:
+    """Whether bitsandbytes loaded ``model`` in 4 or 8 bit."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
@@ -160,11 +154,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_trained(recipe_model: ModelSection, adapter_dir: str | Path, device_map: Any = None, seed: int = 0):
+def load_trained(
+    recipe_model: ModelSection, adapter_dir: str | Path, device_map: Any = None, seed: int = 0
+) -> tuple[nn.Module, Any]:
     """(peft model in eval mode, tokenizer) from a recipe's model section and a saved adapter folder."""
     from peft import PeftModel
-
-    import orthoft  # noqa: F401  (registers the methods with PEFT)
 
     tokenizer = load_tokenizer(recipe_model)
     base, _ = load_base_model(recipe_model, tokenizer, device_map=device_map, seed=seed)

@@ -28,6 +28,7 @@ from ..io.schema import (
     require_non_negative,
     require_positive,
 )
+from ..optim.optimizers import OPTIMIZERS
 
 TASKS = ("causal_lm", "sequence_classification")
 DATA_SOURCES = ("hamlet", "rotten_tomatoes", "text_file", "hf")
@@ -128,8 +129,6 @@ class TrainSection:
     batch_size is per process; the global batch is ``batch_size * gradient_accumulation_steps * processes``.
     mixed_precision ``auto``: bf16 on GPUs that support it, fp16 on other GPUs, none on CPU.
     eval_every / save_every: 0 means only at the end.
-    kill_after_step: testing hook; the process SIGKILLs itself right after this step (after its
-        checkpoint, if one is due), to test ``--resume``.
     """
 
     output_dir: str | None = None
@@ -146,7 +145,6 @@ class TrainSection:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
-    kill_after_step: int | None = None
 
     def check(self, where: str) -> None:
         require_positive(
@@ -157,7 +155,6 @@ class TrainSection:
             log_every=self.log_every,
             keep_checkpoints=self.keep_checkpoints,
             max_grad_norm=self.max_grad_norm,
-            kill_after_step=self.kill_after_step,
         )
         require_non_negative(
             where, warmup_steps=self.warmup_steps, eval_every=self.eval_every, save_every=self.save_every
@@ -191,8 +188,7 @@ class OptimSection:
         valid = optimizer_names()
         key = self.name.lower().replace("-", "").replace("_", "")
         if key not in valid:
-            hint = "" if "muon" in valid else " (orthoft.optim is not available, so only adamw works)"
-            raise RecipeError(f"{where}.name: unknown optimizer {self.name!r}; valid: {sorted(valid)}{hint}.")
+            raise RecipeError(f"{where}.name: unknown optimizer {self.name!r}; valid: {sorted(valid)}.")
 
 
 @dataclass
@@ -225,7 +221,8 @@ class EvalSection:
 
 @dataclass
 class ExportSection:
-    """Merged export after training through ``orthoft.export.export_merged`` (skipped if absent)."""
+    """Merged export after training through ``orthoft.export.export_merged`` (into ``output_dir``, default
+    ``<train.output_dir>/merged``; ``dtype: auto`` keeps the base config's dtype)."""
 
     enabled: bool = False
     output_dir: str | None = None
@@ -352,11 +349,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
 
 
 def optimizer_names() -> set[str]:
-    """Optimizer names a recipe may use: adamw always, the orthogonalized ones when orthoft.optim exists."""
-    try:
-        from orthoft.optim.optimizers import OPTIMIZERS
-    except ImportError:
-        return {"adamw"}
+    """Optimizer names a recipe may use: adamw and the orthogonalized ones of ``orthoft.optim``."""
     return {"adamw", *OPTIMIZERS}
 
 

@@ -1,4 +1,4 @@
-"""Singular factors of frozen weights, shared by the SVD-based methods (PSOFT, SVFT).
+"""Singular factors of frozen weights, shared by the SVD-based adapters (PSOFT, SVFT).
 
 All factorizations run in float32 (or better) whatever the model dtype; callers cast where the
 factors meet activations.
@@ -32,9 +32,7 @@ def principal_factors(
         return u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].T.contiguous()
     if method == "lowrank":
         devices = [] if weight.device.type == "cpu" else [weight.device]
-        kwargs = (
-            {"devices": devices} if not devices else {"devices": devices, "device_type": weight.device.type}
-        )
+        kwargs = {"devices": devices} if not devices else {"devices": devices, "device_type": weight.device.type}
         with torch.random.fork_rng(**kwargs):
             torch.manual_seed(seed)
             u, s, v = torch.svd_lowrank(weight, q=rank, niter=niter)
@@ -54,11 +52,4 @@ def canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tor
     return u * signs, v * signs
 
 
-def check_rank(method: str, module_name: str, rank: int, out_features: int, in_features: int) -> None:
-    """Raise a clear error when ``rank`` exceeds what an ``out x in`` weight has."""
-    limit = min(out_features, in_features)
-    if rank > limit:
-        raise ValueError(
-            f"{method}: rank {rank} exceeds min(out_features, in_features) = {limit} of {module_name} "
-            f"({out_features} x {in_features}). Fix: lower the rank to <= {limit} or exclude the module."
-        )
+__all__ = ["SVDMethod", "canonical_signs", "principal_factors"]
