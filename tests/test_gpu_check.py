@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orthoft
+from orthoft.adapters import REGISTERED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,8 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
 
     assert results["cuda_tests"]["status"] == "skipped" and results["cuda_tests"]["reason"]
 
-    methods = {name.removesuffix("Config") for name in orthoft.__all__ if name.endswith("Config")} - {"Ortho"}
+    methods = {config_cls.__name__.removesuffix("Config") for config_cls, _ in REGISTERED.values()}
+    assert methods >= {"OFT", "BOFT", "QGOFT", "HRA", "PSOFT", "SVFT", "CLOVER"}
     rows = results["correctness"]["rows"]
     for kind in results["correctness"]["kinds"]:
         assert {r["method"] for r in rows if r["kind"] == kind} == methods, kind
