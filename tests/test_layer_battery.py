@@ -173,3 +173,44 @@ def test_unsupported_kinds_raise_clear_errors(case):
         model, _, targets = make_model(kind)
         with pytest.raises(TypeError, match="Fix"):
             get_peft_model(model, case.make_config(targets))
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors_in(item)]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in _tensors_in(getattr(value, f.name))]
+    return []
+
+
+@pytest.mark.parametrize("case,kind", list(case_params()))
+def test_rotations_are_built_in_float32_under_bf16_autocast(case, kind, monkeypatch):
+    """Every adapter-side build (rotations, cores, bases) is float32 and the same with and without autocast."""
+    peft_model, _, x = wrapped(case, kind)
+    perturb_adapters(peft_model)
+    built: list = []
+    original = orthoft.OrthoLayer.cached_for_inference
+
+    def recording(self, key, tensors, build):
+        value = original(self, key, tensors, build)
+        built.append(value)
+        return value
+
+    monkeypatch.setattr(orthoft.OrthoLayer, "cached_for_inference", recording)
+    peft_model(x)
+    reference, built[:] = list(built), []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = peft_model(x)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out).all()
+    expected, got = _tensors_in(reference), _tensors_in(built)
+    assert len(got) == len(expected)  # quasi qGOFT and SVFT use their tensors as stored: nothing built
+    for want, have in zip(expected, got):
+        assert have.dtype == want.dtype and (not have.is_floating_point() or have.dtype == torch.float32)
+        assert torch.equal(have, want)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)

@@ -22,6 +22,7 @@ adapters sit next to ``W``; unmerging pops them in reverse order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -75,6 +76,20 @@ def keep_bnb_4bit_unpacked(module: nn.Module) -> None:
     weight.quant_state = state
     if getattr(module, "quant_state", None) is not None:
         module.quant_state = state
+
+
+def build_without_autocast(build: Callable[[], Any], tensors: list[torch.Tensor]) -> Any:
+    """``build()`` with autocast disabled on the CPU and on the tensors' device.
+
+    Under autocast the small products of a rotation build (Cayley series, block products,
+    triangular solves) would run in bf16/fp16: less accurate than the float32 the adapter is
+    stored in, and some kernels (CPU triangular solve) have no bf16 version at all.
+    """
+    device_types = {"cpu"} | {t.device.type for t in tensors if t.device.type in ("cuda", "xpu", "mps")}
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted(device_types):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        return build()
 
 
 SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Conv2d (groups=1), bitsandbytes Linear4bit/Linear8bitLt"
@@ -218,15 +233,16 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
 
         Generation calls every adapted layer once per token; rebuilding each rotation every time
         costs more than the rotation itself. Any in-place update (optimizer step, load) bumps a
-        tensor's version and invalidates the entry.
+        tensor's version and invalidates the entry. The build runs with autocast off, so rotations
+        are float32 even inside a bf16/fp16 autocast region; they meet activations afterwards.
         """
         if torch.is_grad_enabled() or self.training:
-            return build()
+            return build_without_autocast(build, tensors)
         stamp = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
         hit = self._inference_cache.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        value = build()
+        value = build_without_autocast(build, tensors)
         self._inference_cache[key] = (stamp, value)
         return value
 

@@ -216,7 +216,8 @@ class CLOVERLayer(OrthoLayer):
             heads = heads - bias.index_select(0, index).to(heads.dtype)
         heads = heads.unflatten(-1, (groups, head_dim))
         change = torch.einsum("...gj,gij->...gi", heads, deltas.to(heads.dtype))
-        return features.index_add(-1, index, change.flatten(-2))
+        # under autocast the einsum may come out in bf16 while features are float32
+        return features.index_add(-1, index, change.flatten(-2).to(features.dtype))
 
     def _transform_weight(self, adapter_name: str, weight: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         index = self.orthoft_clover_index[adapter_name]
