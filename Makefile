@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements-offline.txt
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check orthoft tests eval examples
+	$(BIN)/ruff check orthoft orthoft_cli.py tests eval examples
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -29,10 +29,11 @@ pytest: $(STAMP)
 test: lint pytest
 
 # the default job: QOFT on SmolLM2-135M (4-bit) with Hamlet, CPU, a few minutes; see README.md.
+# smollm2-qoft is a recipe shipped in the package (orthoft/recipes/smollm2-qoft.yaml), found by name.
 # PASSIVE: OpenMP threads sleep instead of spinning at barriers; on a CPU shared with other
 # processes the many small adapter ops otherwise run up to 100x slower.
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/orthoft train recipes/smollm2-qoft.yaml --overwrite
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/orthoft train smollm2-qoft --overwrite
 
 bench: $(STAMP)
 	$(BIN)/python eval/bench_layers.py

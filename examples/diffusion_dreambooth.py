@@ -22,11 +22,14 @@ folder of 3-10 photos of the subject; not run by the tests)::
 It writes ``adapter/`` (a few MB), ``samples.png`` (the validation prompts before/after) and,
 with ``--export-merged``, ``merged_pipeline/``: a plain diffusers Stable Diffusion folder with the
 adapter folded into the UNet (Conv2d exactly), loadable with
-``StableDiffusionPipeline.from_pretrained`` and no orthoft. To use the adapter without merging::
+``StableDiffusionPipeline.from_pretrained`` and no orthoft. To use the adapter without merging
+(diffusers' ``pipe.load_lora_weights`` reads only LoRA and refuses it, naming this call)::
 
+    import orthoft.diffusion as od
     pipe = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5").to("cuda")
-    orthoft.diffusion.load_adapter_into_pipeline(pipe, "runs/sd15-dog-oft/adapter")
+    od.load_adapter(pipe, "runs/sd15-dog-oft/adapter")
     pipe("a photo of sks dog on the beach").images[0]
+    od.merge_adapters(pipe); od.export_pipeline(pipe, "sd15-dog-merged")   # the same as --export-merged
 
 Any registered method works (``--method boft --adapter-option block_size=8``, ``hra``, ``psoft``,
 ...); OFT's block size must divide every adapted layer's ``in_features`` (SD 1.5: 320/640/1280
@@ -104,9 +107,10 @@ def load_instance_images(folder: Path, resolution: int) -> torch.Tensor:
 def run_stable_diffusion(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
 
-    from orthoft.diffusion import pipeline_io
     from orthoft.diffusion.grid import save_panels
+    from orthoft.diffusion.loaders import merge_adapters
     from orthoft.diffusion.models import load_pipeline, unet_target_modules
+    from orthoft.diffusion.pipeline_io import export_pipeline
     from orthoft.diffusion.train import (
         DenoiserTrainingSettings,
         ImageSet,
@@ -151,8 +155,8 @@ def run_stable_diffusion(args: argparse.Namespace) -> dict:
     )
     report = {"adapter_dir": str(out / "adapter"), "samples_png": str(png), "final_loss": result.losses[-1]}
     if args.export_merged:
-        pipeline_io.merge_adapter_into_pipeline(pipeline, result.model)
-        report["merged_pipeline_dir"] = str(pipeline_io.export_pipeline(pipeline, out / "merged_pipeline"))
+        merge_adapters(pipeline)  # the adapter trained in place in pipeline.unet
+        report["merged_pipeline_dir"] = str(export_pipeline(pipeline, out / "merged_pipeline"))
     return report
 
 

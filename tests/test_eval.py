@@ -127,3 +127,38 @@ def test_clover_reports_relative_change():
     entries = orthogonality_report(model)["layers"]
     assert entries and all(e["kind"] == "reparametrized" for e in entries)
     assert all(e["relative_delta"] < 1e-4 for e in entries)  # an exact reparametrization at init
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_is_reported_as_non_finite_not_as_small_angles(value):
+    from orthoft.evaluation.orthogonality import non_finite_adapter_tensors
+
+    model = get_peft_model(_tiny_llama(), orthoft.OFTConfig(target_modules=["q_proj", "v_proj"], block_size=16))
+    perturb_adapters(model, scale=0.1)
+    finite = orthogonality_report(model)
+    assert non_finite_adapter_tensors(model) == [] and "non_finite_layers" not in finite["summary"]
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "rotations"))
+    with torch.no_grad():
+        layer.orthoft_oft_Q["default"][0, 0] = value
+    report = orthogonality_report(model)
+    entry = next(e for e in report["layers"] if e["layer"].endswith("q_proj"))
+    assert entry["non_finite"] == ["orthoft_oft_Q.default"]
+    assert not any(key.endswith("angle_deg") for key in entry)  # no angle at all rather than a wrong one
+    assert report["summary"]["non_finite_layers"] == 1
+    # the summary covers the finite layer only, exactly as that layer's own entry
+    v_proj = next(e for e in report["layers"] if e["layer"].endswith("v_proj"))
+    assert report["summary"]["max_angle_deg"] == v_proj["max_angle_deg"] > 0
+    assert "NON-FINITE" in format_orthogonality(report) and "orthoft_oft_Q.default" in format_orthogonality(report)
+    assert non_finite_adapter_tensors(model) == [
+        next(n for n, m in model.named_modules() if m is layer) + ".orthoft_oft_Q.default"
+    ]
+
+
+def test_non_finite_additive_adapter_is_reported():
+    model = get_peft_model(_tiny_llama(), orthoft.SVFTConfig(target_modules=["q_proj"]))
+    perturb_adapters(model, scale=0.1)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+    report = orthogonality_report(model)
+    assert report["summary"]["non_finite_layers"] == 1 and "relative_delta" not in report["layers"][0]
+    assert "mean_relative_delta" not in report["summary"]

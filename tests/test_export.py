@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -459,3 +460,57 @@ def test_smollm2_4bit_export_reloads_without_orthoft(peft_type, tmp_path):
     if peft_type == "ORTHOFT_OFT":
         measured = float((reloaded[str(folders[1])] - adapter_logits).abs().max())
         assert measured == pytest.approx(requantized.export_error["max_abs"], rel=1e-3, abs=1e-5)
+
+
+# ---- destinations that would destroy an input --------------------------------------------------------
+
+
+def test_out_dir_that_would_destroy_an_input_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
+    model = trained_tiny_model(tiny_llama_dir)
+    adapter = tmp_path / "runs" / "r1" / "final" / "adapter"
+    model.save_pretrained(adapter)
+    (tmp_path / "runs" / "r1" / "recipe.yaml").write_text("model: {}\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "notes")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    refusals = {
+        tmp_path / "notes": "is the working directory",
+        tmp_path: "is a parent of the working directory",
+        tiny_llama_dir: "is the base model folder",
+        adapter: "is the adapter folder",
+        tmp_path / "runs" / "r1": "is the run folder (its adapter, checkpoints and metrics)",
+        tmp_path / "runs": "holds the run folder",
+        tmp_path / "runs" / "r1" / "checkpoints" / "step-000002": "checkpoints folder of the run",
+    }
+    for out, reason in refusals.items():
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=re.escape(reason)) as refused:
+                export_merged(model, out, overwrite=overwrite, adapter_dirs=[adapter])
+            assert str(out) in str(refused.value) and "Fix: pass a new folder" in str(refused.value)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match="is not an orthoft export"):
+        export_merged(model, tmp_path / "other", overwrite=True)
+    assert sorted(str(p) for p in tmp_path.rglob("*") if "other" not in p.parts) == before
+    assert (tmp_path / "other" / "data.csv").read_text() == "1,2\n"
+    # an empty folder holds nothing to lose: overwrite may replace it
+    (tmp_path / "empty").mkdir()
+    assert export_merged(model, tmp_path / "empty", overwrite=True, dtype="fp32").files
+
+
+def test_old_export_left_aside_by_a_crash_is_restored(tiny_llama_dir, tmp_path):
+    model = trained_tiny_model(tiny_llama_dir)
+    out = tmp_path / "model"
+    export_merged(model, out, dtype="bf16")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".model.old-{int(dead.stdout)}-abcd"
+    os.rename(out, aside)  # what a kill between the two renames of the swap leaves
+    with pytest.raises(FileExistsError, match=f"restored from {aside.name}"):
+        export_merged(model, out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16" and not aside.exists()
+    os.rename(out, aside)
+    with pytest.warns(UserWarning, match="restored it from"):
+        export_merged(model, out, dtype="fp32", overwrite=True)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -10,7 +10,8 @@ import torch
 from test_optim_helpers import single_thread  # noqa: F401  (autouse fixture)
 
 from orthoft.optim import ROOT, AuON, HybridAuON, Muon, NorMuon, TurboMuon
-from orthoft.optim.optimizers import cosh_brake, update_scale_factor
+from orthoft.optim.optimizers import cosh_brake, spectral_norm_estimate, update_scale_factor
+from orthoft.orthogonal.skew import unpack_skew, upper_entries
 
 ALL_OPTIMIZERS = [Muon, NorMuon, TurboMuon, ROOT, AuON, HybridAuON]
 
@@ -187,6 +188,43 @@ def test_auon_direction_is_scale_free_and_linear_time() -> None:
     torch.testing.assert_close(direction, cosh_brake(1000 * g, gamma=1.5, eps=1e-7))
     norms = direction.norm(dim=(-2, -1))
     assert ((norms <= math.sqrt(8)) & (norms > 0.9 * math.sqrt(8))).all()
+
+
+def test_spectral_norm_estimate_is_exact_on_low_rank_and_tight_on_full_rank() -> None:
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(16, 32, 2, generator=generator)
+    skew = u[..., :1] @ u[..., 1:].transpose(-2, -1)
+    skew = skew - skew.transpose(-2, -1)  # rank 2, as a skew block's momentum often is
+    sigma, _ = spectral_norm_estimate(skew)
+    torch.testing.assert_close(sigma.flatten(), torch.linalg.matrix_norm(skew, ord=2), rtol=1e-4, atol=0)
+    gaussian = torch.randn(16, 32, 32, generator=generator)
+    sigma, vector = spectral_norm_estimate(gaussian)
+    sigma, _ = spectral_norm_estimate(gaussian, vector)  # warm start, as AuON keeps it in its state
+    ratio = sigma.flatten() / torch.linalg.matrix_norm(gaussian, ord=2)
+    assert (ratio <= 1 + 1e-5).all() and ratio.median() > 0.95, ratio
+
+
+def test_auon_steps_inside_muons_trust_region() -> None:
+    """On a rank-1 momentum AuON's step is the polar factor ``u v^T``; on a rank-2 skew block its spectral norm is 1.
+
+    Before the trust-region bound both were ``sqrt(min(m, n) / rank)`` times larger (4x on the 32x32 block)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def step(optimizer_class: type, grad: torch.Tensor, **kwargs) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.zeros_like(grad))
+        p.grad = grad.clone()
+        optimizer_class([{"params": [p], **kwargs}], lr=1.0, momentum=0.0, nesterov=False).step()
+        return p.detach()
+
+    rank1 = torch.randn(24, 1, generator=generator) @ torch.randn(1, 16, generator=generator)
+    polar = rank1 / torch.linalg.matrix_norm(rank1, ord=2)
+    scale = math.sqrt(24 / 16)  # the "original" update scaling of a 24 x 16 matrix
+    torch.testing.assert_close(step(AuON, rank1), -scale * polar, rtol=1e-3, atol=1e-5)
+    u = torch.randn(32, 2, generator=generator)
+    block = u[:, :1] @ u[:, 1:].T
+    packed = upper_entries((block - block.T).unsqueeze(0))  # one 32x32 skew block, rank 2
+    moved = unpack_skew(step(AuON, packed, view="skew_packed"), 32)
+    assert torch.linalg.matrix_norm(moved, ord=2).item() == pytest.approx(1.0, rel=1e-3)
 
 
 def test_hybrid_auon_uses_one_newton_schulz_step_by_default() -> None:

@@ -116,13 +116,22 @@ def test_classification_run_writes_everything_and_evaluates(tmp_path, capsys):
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
-    from orthoft.training.checkpoint import prepare_output_dir
+    from orthoft.training.rundir import RunFolder
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="--resume to continue it, --overwrite to start over"):
-        prepare_output_dir(tmp_path, resume=False, overwrite=False, is_main=True)
-    assert prepare_output_dir(tmp_path, resume=False, overwrite=True, is_main=True) is None
-    assert not (tmp_path / "metrics.jsonl").exists()
+        RunFolder(tmp_path, is_main=True).claim(resume=False, overwrite=False)
+    assert (tmp_path / "metrics.jsonl").is_file()  # a refusal touches nothing
+    folder = RunFolder(tmp_path, is_main=True)
+    folder.claim(resume=False, overwrite=True)
+    assert not (tmp_path / "metrics.jsonl").exists()  # set aside, not deleted: a failed start puts it back
+    assert (folder.aside / "metrics.jsonl").is_file()
+    folder.roll_back()
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # back, and no hidden folder left
+    folder = RunFolder(tmp_path, is_main=True)
+    folder.claim(resume=False, overwrite=True)
+    folder.commit()  # the new run has a checkpoint: the old files go
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_batch_plan_is_a_function_of_position():

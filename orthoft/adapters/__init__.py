@@ -2,9 +2,12 @@
 
 from .base import OrthoLayer, OrthoTuner, layer_kind
 from .boft import BOFTConfig, BOFTLayer, BOFTModel
+from .card import write_adapter_card
 from .clover import CLOVERConfig, CLOVERLayer, CLOVERModel
 from .config import CayleyConfig, OrthoConfig
+from .fisher import estimate_fisher
 from .hra import HRAConfig, HRALayer, HRAModel
+from .merging import COMBINATION_TYPES, merge_adapters
 from .oft import OFTConfig, OFTLayer, OFTModel
 from .orthogonal_adaptation import OrthogonalAdaptationConfig, OrthogonalAdaptationLayer, OrthogonalAdaptationModel
 from .psoft import PSOFTConfig, PSOFTLayer, PSOFTModel
@@ -43,6 +46,10 @@ __all__ = [
     "OrthogonalAdaptationLayer",
     "OrthogonalAdaptationModel",
     "regularization_loss",
+    "write_adapter_card",
+    "COMBINATION_TYPES",
+    "estimate_fisher",
+    "merge_adapters",
     "REGISTERED",
     "BOFTConfig",
     "BOFTLayer",

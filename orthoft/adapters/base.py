@@ -35,6 +35,9 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .integration import cast_adapter_to_base_dtype, expand_all_linear, warn_requantizing_merge
+from .sizes import check_rank, resolve_block_size  # re-exported: method files import them from here
+
 LayerKind = str  # "linear" | "conv1d" | "conv2d" | "quantized"
 
 
@@ -109,6 +112,10 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
     optimizer_views: ClassVar[dict[str, str]] = {}
     # layer kinds a method cannot handle, with the reason shown to the user
     unsupported_kinds: ClassVar[dict[str, str]] = {}
+    # how each adapter tensor combines when adapters are merged into one (roles: orthoft.adapters.combine)
+    merge_roles: ClassVar[dict[str, str]] = {}
+    # "shift" tensors measured from a frozen per-adapter value instead of 0: tensor dict -> buffer dict
+    merge_references: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PeftConfig, module_name: str = "") -> None:
         nn.Module.__init__(self)
@@ -185,6 +192,10 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor | None:
         """Block-diagonal input maps: the float32 blocks ``(n_blocks, b, b)`` (one when shared); else None."""
+        return None
+
+    def merge_refusal(self, adapter_name: str, combination_type: str) -> str | None:
+        """Why this adapter's settings rule out ``combination_type`` beyond what its roles say (None: they do not)."""
         return None
 
     def regularization_loss(self, adapter_name: str) -> torch.Tensor | None:
@@ -376,12 +387,23 @@ class OrthoTuner(BaseTuner):
     tuner_layer_cls: type[OrthoLayer]
     target_module_mapping: dict[str, list[str]] = {}
 
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "lie", **kwargs: Any
+    ) -> None:
+        """PEFT's call shape (``PeftModel`` forwards it here): see :func:`orthoft.adapters.merging.merge_adapters`."""
+        from .merging import merge_adapters  # merging builds on this module; imported on use to avoid a cycle
+
+        merge_adapters(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
     def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
         super()._prepare_model(peft_config, model)
         # gradients reach the adapters through unadapted 4-bit layers too: none may use the bf16 CPU
         # layout, which has no backward (see keep_bnb_4bit_unpacked)
         for module in model.modules():
             keep_bnb_4bit_unpacked(module)
+        from .regularization import apply_penalty_in_training  # builds on this module; imported on use (cycle)
+
+        apply_penalty_in_training(model)  # the qGOFT/HRA penalties reach any trainer's loss with no user code
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
@@ -395,7 +417,32 @@ class OrthoTuner(BaseTuner):
                     f"{model_config.get('model_type')!r}. Fix: pass target_modules=[...] or 'all-linear'."
                 )
             peft_config.target_modules = set(targets)
+        # PEFT's own "all-linear" scan would skip the layers an earlier orthoft adapter wrapped
+        wrapped = [n for n, m in self.model.named_modules() if isinstance(m, OrthoLayer) and m.kind != "conv2d"]
+        expand_all_linear(peft_config, self.model, wrapped)
         return peft_config
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT calls this after creating or loading an adapter. True: float32 (orthoft builds float32;
+        # PEFT upcasts what a low_cpu_mem_usage load brought in half precision); False: the base's dtype
+        if autocast_adapter_dtype:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+            return
+        for module in self.model.modules():
+            if isinstance(module, OrthoLayer) and module.has_adapter(adapter_name):
+                cast_adapter_to_base_dtype(module, adapter_name)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        names = adapter_names or self.active_adapters
+        quantized = [
+            m.module_name
+            for m in self.model.modules()
+            if isinstance(m, OrthoLayer) and m.kind == "quantized" and any(m.has_adapter(a) for a in names)
+        ]
+        warn_requantizing_merge(quantized)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def layer_kwargs(
         self, peft_config: PeftConfig, target: nn.Module, target_name: str, parent: nn.Module, current_key: str
@@ -435,49 +482,4 @@ class OrthoTuner(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
 
-__all__ = ["OrthoLayer", "OrthoTuner", "keep_bnb_4bit_unpacked", "layer_kind"]
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
-def resolve_block_size(
-    method: str,
-    module_name: str,
-    features: int,
-    block_size: int | None,
-    num_blocks: int | None,
-    multiple_of: int = 1,
-) -> int:
-    """Block size for one layer from ``block_size`` or ``num_blocks``, with an actionable error.
-
-    ``multiple_of`` is the span one block pattern needs (e.g. ``b * 2^(m-1)`` for a butterfly).
-    """
-    if num_blocks:
-        if features % num_blocks:
-            raise ValueError(
-                f"{method}: num_blocks {num_blocks} does not divide in_features {features} of {module_name}. "
-                f"Fix: use a num_blocks among {_divisors(features)[:12]} or exclude the module."
-            )
-        block_size = features // num_blocks
-    span = block_size * multiple_of
-    if features % span:
-        fitting = [k for k in _divisors(features) if features % (k * multiple_of) == 0 and k > 1]
-        nearest = sorted(fitting, key=lambda k: abs(k - block_size))[:4]
-        what = f"block size {block_size}" + (f" x {multiple_of}" if multiple_of > 1 else "")
-        raise ValueError(
-            f"{method}: {what} does not divide in_features {features} of {module_name}. "
-            f"Fix: pick a block size such as {sorted(nearest)}, set num_blocks, or exclude the module."
-        )
-    return block_size
-
-
-def check_rank(method: str, module_name: str, rank: int, out_features: int, in_features: int) -> None:
-    """Raise a clear error when ``rank`` exceeds what an ``out x in`` weight has."""
-    limit = min(out_features, in_features)
-    if rank > limit:
-        raise ValueError(
-            f"{method}: rank {rank} exceeds min(out_features, in_features) = {limit} of {module_name} "
-            f"({out_features} x {in_features}). Fix: lower the rank to <= {limit} or exclude the module."
-        )
+__all__ = ["OrthoLayer", "OrthoTuner", "check_rank", "keep_bnb_4bit_unpacked", "layer_kind", "resolve_block_size"]

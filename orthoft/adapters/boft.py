@@ -16,6 +16,10 @@ from .config import CayleyConfig
 class BOFTConfig(CayleyConfig):
     """BOFT: effective weight ``diag(s) W M^T`` with ``M = B_m ... B_1``, each ``B_i`` a permuted block rotation.
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
+    TurboMuon 0.01, ROOT 0.03, AuON 0.03 (derived, not grid-measured; ``docs/quality.md``).
+    Short fine-tunes of small models; see there for larger ones.
+
     Args:
         block_size: block size ``b`` (even, default 8 when ``num_blocks`` is not given).
         num_blocks: blocks per layer instead of ``block_size``.
@@ -35,11 +39,18 @@ class BOFTConfig(CayleyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.block_size and self.num_blocks:
+        # 0 is refused, not read as "unset": a recipe saying block_size: 0 must not train with 8
+        for name in ("block_size", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(
+                    f"BOFTConfig: {name} must be > 0, got {value}. Fix: set {name} to a size that "
+                    f"divides the adapted layers' widths, or remove it for the default (block_size 8)."
+                )
+        if self.block_size is not None and self.num_blocks is not None:
             raise ValueError("BOFTConfig: set block_size or num_blocks, not both.")
-        if not self.block_size and not self.num_blocks:
+        if self.block_size is None and self.num_blocks is None:
             self.block_size = 8
-        self.check_positive(block_size=self.block_size, num_blocks=self.num_blocks)
         if self.n_butterfly_factor < 1:
             raise ValueError(f"BOFTConfig: n_butterfly_factor must be >= 1, got {self.n_butterfly_factor}.")
         if self.n_butterfly_factor > 1 and self.block_size and self.block_size % 2:
@@ -56,6 +67,7 @@ class BOFTLayer(OrthoLayer):
     adapter_layer_names = ("orthoft_boft_Q", "orthoft_boft_s")
     other_param_names = ("adapter_configs", "boft_block_size")
     optimizer_views = {"orthoft_boft_Q": "skew_packed", "orthoft_boft_s": "vector"}
+    merge_roles = {"orthoft_boft_Q": "butterfly", "orthoft_boft_s": "scale"}
 
     def create_adapter(self, adapter_name: str, config: BOFTConfig) -> None:
         if not hasattr(self, "orthoft_boft_Q"):

@@ -84,6 +84,10 @@ TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
 class CLOVERConfig(OrthoConfig):
     """CLOVER: a trainable ``d_head x d_head`` core per attention head between orthonormal bases.
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
+    TurboMuon 0.1, ROOT 0.1, AuON 0.3 (derived, not grid-measured; ``docs/quality.md``).
+    Short fine-tunes of small models; see there for larger ones.
+
     Which factorization each projection gets (decided per attention block from what is targeted):
 
     * Q and K both targeted, no rotary embedding: joint SVD of ``W_Q^h^T W_K^h``; the core sits on Q.
@@ -149,6 +153,9 @@ class CLOVERLayer(OrthoLayer):
         "orthoft_clover_index",
     )
     optimizer_views = {"orthoft_clover_S": "matrix_stack"}
+    # T - I = left (S - S0) right moves the weight linearly in S - S0
+    merge_roles = {"orthoft_clover_S": "shift"}
+    merge_references = {"orthoft_clover_S": "orthoft_clover_S0"}
     unsupported_kinds = {"conv2d": "CLOVER factors attention heads and a Conv2d has none"}
 
     def __init__(

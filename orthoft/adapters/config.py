@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from peft.config import PeftConfig
 
+from .card import LOADING_NOTE, write_adapter_card
 from .registry import peft_type_for
 
 
@@ -24,6 +25,8 @@ class OrthoConfig(PeftConfig):
             adapter weights (tests and debugging only).
         layers_to_transform / layers_pattern: restrict to some layer indices, as in PEFT.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier).
+        requires: not an option: a note written into ``adapter_config.json`` for whoever opens it
+            (loading needs ``pip install orthoft`` and ``import orthoft``); always reset to the current note.
     """
 
     target_modules: list[str] | str | None = field(default=None)
@@ -33,6 +36,7 @@ class OrthoConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = field(default=None)
     layers_pattern: list[str] | str | None = field(default=None)
     modules_to_save: list[str] | None = field(default=None)
+    requires: str = field(default=LOADING_NOTE)
 
     method: ClassVar[str] = ""  # the method's name, e.g. "oft"; its PEFT type is peft_type_for(method)
     # bias "<prefix>_only" is accepted; the prefix is the method name unless a method sets a shorter one
@@ -42,6 +46,7 @@ class OrthoConfig(PeftConfig):
         super().__post_init__()
         if self.method:
             self.peft_type = peft_type_for(self.method)
+        self.requires = LOADING_NOTE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -51,6 +56,11 @@ class OrthoConfig(PeftConfig):
             raise ValueError(f"{type(self).__name__}: bias={self.bias!r} is not one of {sorted(allowed_bias)}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{type(self).__name__}: layers_pattern needs layers_to_transform as well.")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``adapter_config.json``, then the folder's model card (README.md) naming orthoft (``card.py``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_adapter_card(save_directory, self)
 
     def check_positive(self, **values: int | float | None) -> None:
         """Raise a ValueError naming the config and the option for each ``name=value`` that is <= 0 (None passes)."""

@@ -23,6 +23,10 @@ from .config import OrthoConfig
 class HRAConfig(OrthoConfig):
     """HRA: effective weight ``W H``, ``H = H_1 ... H_r``, ``H_i = I - 2 u_i u_i^T / |u_i|^2``.
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon/NorMuon/
+    TurboMuon 0.03, ROOT 0.03, AuON 0.1 (measured: AdamW; the rest derived; ``docs/quality.md``).
+    Short fine-tunes of small models; see there for larger ones.
+
     ``u_i`` is column ``i`` of the trained ``U`` (``in_features x r``), exactly PEFT's ``hra_u``
     with the same order, so PEFT weights load as they are (without ``apply_GS``).
 
@@ -66,6 +70,7 @@ class HRALayer(OrthoLayer):
     adapter_layer_names = ("orthoft_hra_U",)
     other_param_names = ("adapter_configs",)
     optimizer_views = {"orthoft_hra_U": "matrix"}
+    merge_roles = {"orthoft_hra_U": "reflections"}
 
     def create_adapter(self, adapter_name: str, config: HRAConfig) -> None:
         if not hasattr(self, "orthoft_hra_U"):
@@ -107,6 +112,13 @@ class HRALayer(OrthoLayer):
     def _gs_bases(u: torch.Tensor) -> list[torch.Tensor]:
         """Orthonormal bases of the odd and the even columns of ``u`` (``apply_GS``)."""
         return [orthonormal_basis(part) for part in (u[:, 0::2], u[:, 1::2]) if part.shape[1]]
+
+    def merge_refusal(self, adapter_name: str, combination_type: str) -> str | None:
+        if self.adapter_configs[adapter_name].apply_GS:
+            # H is built from the Gram-Schmidt bases of the odd and even columns: the columns are not
+            # H's reflections, so concatenating two U's is not the product of the two maps
+            return f"HRA adapter {adapter_name!r} uses apply_GS, whose columns are not its reflections"
+        return None
 
     def regularization_loss(self, adapter_name: str) -> torch.Tensor | None:
         """``reg_lambda * |I - Uhat^T Uhat|_F``, ``Uhat`` the column-normalized ``U`` (0-d float32).

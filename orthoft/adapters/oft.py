@@ -16,6 +16,10 @@ from .config import CayleyConfig
 class OFTConfig(CayleyConfig):
     """OFTv2: effective weight ``W R^T``, ``R = blockdiag(Cayley(Q_1), ..., Cayley(Q_{d/b}))``.
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
+    TurboMuon 0.01, ROOT 0.01, AuON 0.03 (measured: AdamW, Muon, AuON; the rest derived; ``docs/quality.md``).
+    Short fine-tunes of small models; see there for larger ones.
+
     Args:
         block_size: rotation block size ``b`` (default 32 when ``num_blocks`` is not given).
         num_blocks: number of blocks per layer instead of a block size (``b = in_features / num_blocks``).
@@ -33,11 +37,18 @@ class OFTConfig(CayleyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.block_size and self.num_blocks:
+        # 0 is refused, not read as "unset": a recipe saying block_size: 0 must not train with 32
+        for name in ("block_size", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(
+                    f"OFTConfig: {name} must be > 0, got {value}. Fix: set {name} to a size that "
+                    f"divides the adapted layers' widths, or remove it for the default (block_size 32)."
+                )
+        if self.block_size is not None and self.num_blocks is not None:
             raise ValueError("OFTConfig: set block_size or num_blocks, not both.")
-        if not self.block_size and not self.num_blocks:
+        if self.block_size is None and self.num_blocks is None:
             self.block_size = 32
-        self.check_positive(block_size=self.block_size, num_blocks=self.num_blocks)
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OFTConfig: module_dropout must be in [0, 1), got {self.module_dropout}.")
 
@@ -47,6 +58,7 @@ class OFTLayer(OrthoLayer):
     adapter_layer_names = ("orthoft_oft_Q",)
     other_param_names = ("adapter_configs", "oft_block_size")
     optimizer_views = {"orthoft_oft_Q": "skew_packed"}
+    merge_roles = {"orthoft_oft_Q": "cayley"}
 
     def create_adapter(self, adapter_name: str, config: OFTConfig) -> None:
         if not hasattr(self, "orthoft_oft_Q"):

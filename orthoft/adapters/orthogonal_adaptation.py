@@ -136,6 +136,7 @@ class OrthogonalAdaptationLayer(OrthoLayer):
     adapter_layer_names = ("orthoft_oa_B",)
     other_param_names = ("adapter_configs", "orthoft_oa_A")
     optimizer_views = {"orthoft_oa_B": "matrix"}
+    merge_roles = {"orthoft_oa_B": "shift"}  # dW = scale B A is linear in B (A frozen, shared)
 
     def create_adapter(self, adapter_name: str, config: OrthogonalAdaptationConfig) -> None:
         if not hasattr(self, "orthoft_oa_B"):

@@ -19,6 +19,10 @@ from .config import CayleyConfig
 class PSOFTConfig(CayleyConfig):
     """PSOFT: ``W' = W + B (diag(b) R diag(a) - I) A`` with ``W = U S V^T``, ``A = V_r^T``, ``B = U_r S_r``.
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
+    TurboMuon 0.01, ROOT 0.01, AuON 0.03 (derived, not grid-measured; ``docs/quality.md``).
+    Short fine-tunes of small models; see there for larger ones.
+
     ``A`` has orthonormal rows and, with ``B``, stays frozen; only the ``r x r`` rotation ``R``
     (packed skew through the Cayley map) and the vectors ``a``, ``b`` (init 1) train:
     ``r(r-1)/2 + 2r`` parameters per layer. The model equals the base model at init.
@@ -65,6 +69,7 @@ class PSOFTLayer(OrthoLayer):
         "orthoft_psoft_a": "vector",
         "orthoft_psoft_b": "vector",
     }
+    merge_roles = {"orthoft_psoft_skew": "cayley", "orthoft_psoft_a": "scale", "orthoft_psoft_b": "scale"}
 
     def create_adapter(self, adapter_name: str, config: PSOFTConfig) -> None:
         if not hasattr(self, "orthoft_psoft_skew"):

@@ -25,6 +25,10 @@ from .config import OrthoConfig
 class QGOFTConfig(OrthoConfig):
     """qGOFT (default) or strict GOFT: effective weight ``W R``, ``R = G_L ... G_1`` (see ``orthogonal.givens``).
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon/NorMuon/
+    TurboMuon 0.03, ROOT 0.1, AuON 0.1 (derived, not grid-measured; ``docs/quality.md``).
+    Short fine-tunes of small models; see there for larger ones.
+
     Layer ``r`` of ``R`` acts on pairs ``(i, i + 2^(r-1))`` inside blocks of ``2^r`` input features.
 
     Args:
@@ -66,6 +70,7 @@ class QGOFTLayer(OrthoLayer):
     adapter_layer_names = ("orthoft_qgoft_blocks", "orthoft_qgoft_angles")
     other_param_names = ("adapter_configs",)
     optimizer_views = {"orthoft_qgoft_blocks": "matrix_stack", "orthoft_qgoft_angles": "vector"}
+    merge_roles = {"orthoft_qgoft_blocks": "quasi_blocks", "orthoft_qgoft_angles": "angles"}
 
     def create_adapter(self, adapter_name: str, config: QGOFTConfig) -> None:
         if not hasattr(self, "orthoft_qgoft_blocks"):

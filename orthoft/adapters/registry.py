@@ -1,10 +1,13 @@
 """The one place orthoft touches PEFT internals to register its methods.
 
 PEFT 0.21's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so
-orthoft adds plain string types (``"ORTHOFT_OFT"``, ...) to the three mappings PEFT consults in
-``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained``. The supported PEFT
-range is pinned in pyproject.toml and ``tests/test_peft_integration.py`` fails loudly if a PEFT
-upgrade breaks the round trip.
+orthoft adds its own types (``"ORTHOFT_OFT"``, ...) to the three mappings PEFT consults in
+``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained``. A type is an
+:class:`OrthoPeftType`: a ``str`` (equal to, hashed and written to ``adapter_config.json`` as
+``"ORTHOFT_OFT"``) that also has the ``.value`` PEFT and transformers read from ``PeftType``
+members (``load_adapter``, ``AutoModel*.from_pretrained(adapter_dir)``, mixed models, hotswap,
+Trainer). The supported PEFT range is pinned in pyproject.toml and ``tests/test_peft_integration.py``
+and ``tests/test_loaders.py`` fail loudly if a PEFT upgrade breaks the round trip.
 """
 
 from __future__ import annotations
@@ -21,9 +24,26 @@ PEFT_TYPE_PREFIX = "ORTHOFT_"
 REGISTERED: dict[str, tuple[type[OrthoConfig], type[OrthoTuner]]] = {}
 
 
-def peft_type_for(method: str) -> str:
-    """The PEFT type string of an orthoft method: ``"oft"`` -> ``"ORTHOFT_OFT"`` (the one place it is spelled)."""
-    return PEFT_TYPE_PREFIX + method.upper()
+class OrthoPeftType(str):
+    """An orthoft PEFT type: the plain string ``"ORTHOFT_OFT"`` plus the ``.value`` of a ``PeftType`` member.
+
+    PEFT's own types are members of ``class PeftType(str, Enum)``; PEFT and transformers read
+    ``config.peft_type.value`` (e.g. ``peft_type.value.lower()`` as the adapter key marker in
+    transformers' ``load_adapter``). Being a ``str`` keeps dict lookups, comparisons and the JSON in
+    ``adapter_config.json`` exactly as for a plain string, so adapters saved before still load.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        """The plain string, as ``PeftType.LORA.value == "LORA"``."""
+        return str.__str__(self)  # a plain str copy
+
+
+def peft_type_for(method: str) -> OrthoPeftType:
+    """The PEFT type of an orthoft method: ``"oft"`` -> ``"ORTHOFT_OFT"`` (the one place it is spelled)."""
+    return OrthoPeftType(PEFT_TYPE_PREFIX + method.upper())
 
 
 def method_of(peft_type: str) -> str:

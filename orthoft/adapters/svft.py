@@ -20,6 +20,10 @@ from .config import OrthoConfig
 class SVFTConfig(OrthoConfig):
     """SVFT: ``W' = U (S + M) V^T`` with ``W = U S V^T`` frozen and ``M`` a sparse ``n x n`` matrix.
 
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01 for every
+    optimizer (its tensors are vectors, which orthogonalized optimizers send to AdamW); derived, not
+    grid-measured (``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
+
     Only the nonzeros of ``M`` train; they start at 0, so the model equals the base model at init
     (the reference code starts ``M`` random). The update ``U M V^T`` is added to the untouched
     base weight, so with a truncated basis (``rank``) the residual ``W - U_r S_r V_r^T`` stays
@@ -81,6 +85,7 @@ class SVFTLayer(OrthoLayer):
     adapter_layer_names = ("orthoft_svft_values",)
     other_param_names = ("adapter_configs", "orthoft_svft_U", "orthoft_svft_V", "orthoft_svft_index")
     optimizer_views = {"orthoft_svft_values": "vector"}
+    merge_roles = {"orthoft_svft_values": "shift"}  # dW = U M V^T is linear in M
 
     def create_adapter(self, adapter_name: str, config: SVFTConfig) -> None:
         if not hasattr(self, "orthoft_svft_values"):

@@ -31,19 +31,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_folder(target: Path, adapter: str | None, recipe_output_dir: Path) -> Path:
-    """``--adapter``, else the run folder's ``final/adapter``, else the recipe's ``<output_dir>/final/adapter``."""
+    """``--adapter``, else the run folder's ``final/adapter``, else the recipe's ``<output_dir>/final/adapter``.
+
+    Its config and weights header are checked here, so a missing, corrupt or truncated file is
+    named before the base model loads.
+    """
+    from ..io.adapter_files import check_adapter_folder
+
     if adapter:
         adapter_dir = Path(adapter)
     elif target.is_dir():
         adapter_dir = target / "final" / "adapter"
     else:
         adapter_dir = recipe_output_dir / "final" / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{adapter_dir} holds no adapter_config.json. Pass --adapter with a folder written by "
-            "`orthoft train` (RUN/final/adapter or RUN/checkpoints/step-N/adapter)."
-        )
+    check_adapter_folder(adapter_dir)
     return adapter_dir
+
+
+def output_file(output: str | None, adapter_dir: Path, split: str) -> Path:
+    """Where the JSON goes (``--output``, default ``<adapter>/../eval_<split>.json``); its folder is made now."""
+    path = Path(output) if output else adapter_dir.parent / f"eval_{split}.json"
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"--output {path} is a folder. Fix: pass a file path, e.g. --output {path / f'eval_{split}.json'}."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)  # a read-only or full disk fails here, before any work
+    return path
+
+
+def refuse_non_finite(model: Any, adapter_dir: Path) -> None:
+    """A NaN/inf adapter has no meaningful metrics or angles: one message naming the first bad tensor."""
+    from ..evaluation.orthogonality import non_finite_adapter_tensors
+
+    bad = non_finite_adapter_tensors(model)
+    if bad:
+        raise ValueError(
+            f"adapter {adapter_dir} is non-finite: {len(bad)} tensor(s) hold NaN/inf, first {bad[0]}; its metrics "
+            "and rotation angles would be meaningless, so nothing was written. Fix: training diverged: evaluate an "
+            "earlier checkpoint (--adapter RUN/checkpoints/step-N/adapter) or retrain with a lower learning rate."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,15 +79,22 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import format_orthogonality, orthogonality_report
+    from ..io.adapter_files import adapter_load_errors
+    from ..io.files import write_text_atomic
     from ..training.models import load_trained
     from ..training.recipe import load_recipe
 
     target = Path(args.target)
     recipe = load_recipe(target / "recipe.yaml" if target.is_dir() else target, args.override)
     adapter_dir = adapter_folder(target, args.adapter, recipe.output_dir())
+    output = output_file(args.output, adapter_dir, args.split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     device_map = {"": 0} if device == "cuda" else "cpu"
-    model, tokenizer = load_trained(recipe.model, adapter_dir, device_map=device_map, seed=recipe.train.seed)
+    base = f"{recipe.model.name_or_path!r} (model section of {recipe.source_path})"
+    fix = "evaluate it with the recipe that trained it (RUN/recipe.yaml) and no --override of model.*"
+    with adapter_load_errors(adapter_dir, base, fix=fix):
+        model, tokenizer = load_trained(recipe.model, adapter_dir, device_map=device_map, seed=recipe.train.seed)
+    refuse_non_finite(model, adapter_dir)
     if not (recipe.model.load_in_4bit or recipe.model.load_in_8bit):
         model.to(device)
     results: dict[str, Any] = {"adapter": str(adapter_dir), "split": args.split}
@@ -70,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_orthogonality:
         results["orthogonality"] = orthogonality_report(model)
         print(format_orthogonality(results["orthogonality"]))
-    output = Path(args.output) if args.output else adapter_dir.parent / f"eval_{args.split}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    write_text_atomic(output, json.dumps(results, indent=2))  # an earlier result stays whole if this fails
     print(f"wrote {output}")
     return 0
 

@@ -21,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="saved orthoft adapter folder; repeat to merge several in order",
     )
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (must not exist unless --overwrite; never the working directory, the base or an "
+        "adapter folder or the run folder it came from)",
+    )
     parser.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="written dtype (default: base's)"
     )
@@ -34,15 +39,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="device to load the base on (default: cuda if available, else cpu)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if an earlier export wrote it (kept until the new one is complete)",
+    )
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, merge, write; print where it went and the measured errors."""
+    """Check OUT, load, merge, write; print where it went and the measured errors."""
+    import sys
+
     from ..export import export_merged, load_for_export
+    from ..export.api import shard_size
+    from ..export.destination import check_destination, protected_inputs
     from ..export.report import format_error
 
+    # before minutes of loading: OUT must not destroy the inputs, the working directory or a folder export did not write
+    shard_size(args.max_shard_size, label="--max-shard-size")
+    inputs = protected_inputs(args.base, args.adapter)
+    restored = check_destination(args.out, inputs, args.overwrite, label="--out")
+    if restored is not None:
+        print(
+            f"orthoft export: {args.out} was missing after an interrupted export; restored it from {restored}",
+            file=sys.stderr,
+        )
     peft_model, names = load_for_export(args.base, args.adapter, args.load_in_4bit, args.device)
     report = export_merged(
         peft_model,
@@ -53,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         base_name_or_path=args.base,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
+        adapter_dirs=args.adapter,
     )
     print(f"wrote {report.out_dir} ({', '.join(f'{n}: {report.methods[n]}' for n in report.adapters)})")
     print(f"merge error (float32 merge vs adapter model): {format_error(report.merge_error)}")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..io.recipes import find_recipe
 from ..io.schema import (
     AdapterSection,
     RecipeError,
@@ -203,11 +204,7 @@ SECTION_NAMES = ("base", "subject", "adapter", "train", "sample", "concepts", "o
 
 def load_recipe(path: str | Path, **top_level_overrides: Any) -> DiffusionRecipe:
     """Read and validate a diffusion recipe; ``output_dir=...`` / ``base=<pipeline folder>`` override the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(
-            f"Recipe file {path} does not exist. Diffusion recipes shipped with orthoft: recipes/diffusion-*."
-        )
+    path = find_recipe(path)  # a file, or a shipped recipe by name (`orthoft recipes` lists them)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

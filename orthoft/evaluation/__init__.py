@@ -1,7 +1,7 @@
 """Evaluation of trained adapters: task metrics and orthogonality diagnostics.
 
 * ``orthoft.evaluation.metrics``: perplexity, accuracy and F1 through the shipped ``evaluate``
-  modules (``eval/metrics``), sharded over processes; greedy samples.
+  modules (package data in ``orthoft/evaluation/metric_modules``), sharded over processes; greedy samples.
 * ``orthoft.evaluation.orthogonality``: per-layer diagnostics (orthogonality error, rotation
   angles, relative weight change) read from each layer's declared ``map_kind``.
 

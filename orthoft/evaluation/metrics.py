@@ -1,8 +1,9 @@
 """Task metrics through ``evaluate`` (perplexity, accuracy, F1) and greedy samples.
 
-Metrics are ``evaluate`` modules shipped in ``eval/metrics/<name>/<name>.py`` of the checkout and
-loaded by path, because the hub copies are unreachable offline. Evaluation is sharded over
-processes when ``torch.distributed`` is initialized; every process gets the full result.
+Metrics are ``evaluate`` modules shipped as package data in
+``orthoft/evaluation/metric_modules/<name>/<name>.py`` (so a wheel install carries them) and loaded
+by path, because the hub copies are unreachable offline. Evaluation is sharded over processes when
+``torch.distributed`` is initialized; every process gets the full result.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ METRICS_DIR_ENV = "ORTHOFT_METRICS_DIR"
 
 # ---- metric modules ---------------------------------------------------------------------------
 def metrics_dir() -> Path:
-    """Folder of the shipped metric modules: ``$ORTHOFT_METRICS_DIR`` or ``eval/metrics`` of the checkout."""
+    """Folder of the metric modules: ``$ORTHOFT_METRICS_DIR`` if set, else the package's ``metric_modules``."""
     if os.environ.get(METRICS_DIR_ENV):
         return Path(os.environ[METRICS_DIR_ENV])
-    return Path(__file__).resolve().parents[2] / "eval" / "metrics"  # orthoft/evaluation/metrics.py -> checkout
+    # evaluate.load wants a real folder; orthoft.evaluation is a regular package, so files() is one
+    return Path(str(resources.files(__package__).joinpath("metric_modules")))
 
 
 def load_metric(name: str) -> Any:
@@ -37,9 +40,9 @@ def load_metric(name: str) -> Any:
     if not (path / f"{name}.py").is_file():
         available = sorted(p.name for p in metrics_dir().glob("*") if (p / f"{p.name}.py").is_file())
         raise FileNotFoundError(
-            f"Metric module {path / (name + '.py')} not found (available: {available}). orthoft loads metrics "
-            f"from the checkout's eval/metrics; set {METRICS_DIR_ENV} to that folder when orthoft is installed "
-            "elsewhere."
+            f"Metric module {path / (name + '.py')} not found (available: {available}). orthoft ships its "
+            f"metrics as package data in orthoft/evaluation/metric_modules; unset {METRICS_DIR_ENV} (or point it "
+            "at a folder of evaluate modules named <name>/<name>.py), or reinstall orthoft if they are missing."
         )
     return evaluate.load(str(path))
 

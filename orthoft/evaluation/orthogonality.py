@@ -23,10 +23,16 @@ What is inspected follows the layer's declared ``map_kind`` (no method is specia
 
 ``"additive"`` (``W + dW``) and ``"reparametrized"`` (no input-side map, e.g. CLOVER's per-head
 cores), kind ``additive``/``reparametrized``: the relative weight change ``|W' - W|_F / |W|_F``.
+
+An adapter with NaN/inf values (in its tensors, or in the map they make) has no angles: its entry
+says ``non_finite`` (the tensors, or ``"computed map"``) instead, the summary counts such layers in
+``non_finite_layers`` and leaves them out of its means and maxima, so a diverged adapter never reads
+as a small rotation.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -103,9 +109,38 @@ def _weight_change_entry(layer: OrthoLayer, adapter: str) -> dict[str, Any]:
     return {"kind": layer.map_kind, "relative_delta": float(delta.norm() / base.norm().clamp_min(1e-12))}
 
 
+def adapter_non_finite(layer: OrthoLayer, adapter: str) -> list[str]:
+    """Names of ``adapter``'s tensors in ``layer`` (not the base weight) holding NaN or inf."""
+    found = []
+    for name, tensor in itertools.chain(layer.named_parameters(), layer.named_buffers()):
+        if name.startswith("base_layer.") or adapter not in name.split("."):
+            continue  # PEFT keys adapter tensors by name: orthoft_oft_Q.default, ...default.weight
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append(name)
+    return found
+
+
+def non_finite_adapter_tensors(model: nn.Module) -> list[str]:
+    """``layer.tensor`` of every orthoft adapter tensor in ``model`` that holds NaN or inf (empty when all finite)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, OrthoLayer):
+            for adapter in module.adapter_configs:
+                found += [f"{name}.{tensor}" for tensor in adapter_non_finite(module, adapter)]
+    return found
+
+
+def _finite(entry: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in entry.values() if isinstance(v, float))
+
+
 def _layer_entry(name: str, layer: OrthoLayer, adapter: str, max_dense_dim: int, max_eig_dim: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"layer": name, "adapter": adapter, "method": layer.method_name}
     kind = layer.map_kind
+    bad = adapter_non_finite(layer, adapter)
+    if bad:  # no statistics: eigenvalues of NaN are NaN (or an error), and angles would read as small
+        entry.update(kind=kind, non_finite=bad)
+        return entry
     if kind == "input_map":
         entry.update(kind="multiplicative", **_input_map_entry(layer, adapter, max_dense_dim, max_eig_dim))
     elif kind in ("additive", "reparametrized"):
@@ -115,6 +150,14 @@ def _layer_entry(name: str, layer: OrthoLayer, adapter: str, max_dense_dim: int,
             f"{type(layer).__name__}.map_kind is {kind!r}; orthogonality diagnostics know 'input_map', 'additive' "
             "and 'reparametrized' (see OrthoLayer.map_kind)."
         )
+    if not _finite(entry):  # finite tensors whose map overflowed
+        return {
+            "layer": name,
+            "adapter": adapter,
+            "method": layer.method_name,
+            "kind": entry["kind"],
+            "non_finite": ["computed map"],
+        }
     return entry
 
 
@@ -129,6 +172,9 @@ def orthogonality_report(model: nn.Module, max_dense_dim: int = 4096, max_eig_di
             if module.has_adapter(adapter):
                 layers.append(_layer_entry(name, module, adapter, max_dense_dim, max_eig_dim))
     summary: dict[str, Any] = {"layers": len(layers)}
+    non_finite = [e for e in layers if "non_finite" in e]
+    if non_finite:
+        summary["non_finite_layers"] = len(non_finite)
     for summary_key, key, reduce in (
         ("max_orthogonality_error", "orthogonality_error", max),
         ("max_angle_deg", "max_angle_deg", max),
@@ -136,7 +182,7 @@ def orthogonality_report(model: nn.Module, max_dense_dim: int = 4096, max_eig_di
         ("mean_trace_angle_deg", "trace_angle_deg", _mean),
         ("mean_relative_delta", "relative_delta", _mean),
     ):
-        values = [e[key] for e in layers if key in e]
+        values = [e[key] for e in layers if key in e and "non_finite" not in e]
         if values:
             summary[summary_key] = reduce(values)
     return {"summary": summary, "layers": layers}
@@ -152,9 +198,17 @@ def format_values(values: dict[str, Any]) -> str:
 
 
 def format_orthogonality(report: dict[str, Any], limit: int = 12) -> str:
-    """A short table: the summary, then the ``limit`` layers that moved most."""
+    """A short table: the summary (first any NON-FINITE layers), then the ``limit`` layers that moved most."""
     lines = ["orthogonality: " + format_values(report["summary"])]
-    ranked = sorted(report["layers"], key=lambda e: -e.get("trace_angle_deg", e.get("relative_delta", 0.0)))
+    non_finite = [e for e in report["layers"] if "non_finite" in e]
+    if non_finite:
+        first = non_finite[0]
+        lines.append(
+            f"  NON-FINITE (NaN/inf) adapter values in {len(non_finite)} layer(s), no angles for them; first: "
+            f"{first['layer']} [{first['adapter']}]: {', '.join(first['non_finite'])}"
+        )
+    finite = [e for e in report["layers"] if "non_finite" not in e]
+    ranked = sorted(finite, key=lambda e: -e.get("trace_angle_deg", e.get("relative_delta", 0.0)))
     for entry in ranked[:limit]:
         values = {k: v for k, v in entry.items() if k not in ("layer", "adapter", "method", "kind")}
         lines.append(f"  {entry['layer']} [{entry['adapter']}]: {format_values(values)}")

@@ -101,6 +101,29 @@ def remove_stale_partials(target: Path) -> None:
         shutil.rmtree(candidate, ignore_errors=True)
 
 
+def restore_swapped_out(target: Path) -> Path | None:
+    """Put back the previous ``target`` that a crash between the two renames of ``publish_directory`` left aside.
+
+    Such a crash leaves no ``target``, only ``.NAME.old-PID-XXXX`` of a dead process: the only copy.
+    When ``target`` is missing, the newest such folder is renamed back to ``target``; returns the
+    folder it came from (None when there was nothing to restore).
+    """
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.old-(\d+)-")
+    stale = []
+    for candidate in target.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if match and candidate.is_dir() and not _pid_alive(int(match.group(1))):
+            stale.append(candidate)
+    if not stale:
+        return None
+    newest = max(stale, key=lambda p: p.stat().st_mtime)
+    os.rename(newest, target)
+    fsync_path(target.parent, directory=True)
+    return newest
+
+
 @contextlib.contextmanager
 def staged_directory(target: str | os.PathLike, overwrite: bool = True, sync: bool = True) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``target``; on success it is fsynced and replaces ``target``.
@@ -148,6 +171,7 @@ __all__ = [
     "make_staging_dir",
     "publish_directory",
     "remove_stale_partials",
+    "restore_swapped_out",
     "staged_directory",
     "sync_tree",
     "write_bytes_atomic",

@@ -4,6 +4,7 @@
 its adapter layer declares; see ``docs/optim.md``. This package does not import the adapters.
 """
 
+from .learning_rates import RECOMMENDED_LR, recommended_lr, resolve_lr
 from .newton_schulz import (
     KELLER_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
@@ -23,6 +24,7 @@ __all__ = [
     "NorMuon",
     "OrthogonalizedOptimizer",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "RECOMMENDED_LR",
     "ROOT",
     "ROOT_COEFFICIENTS",
     "Route",
@@ -33,5 +35,7 @@ __all__ = [
     "get_view",
     "max_singular_value_deviation",
     "orthogonalize",
+    "recommended_lr",
+    "resolve_lr",
     "route_parameters",
 ]

@@ -303,36 +303,70 @@ def cosh_brake(matrices: torch.Tensor, gamma: float, eps: float) -> torch.Tensor
     return unit / brake * math.sqrt(min(matrices.shape[-2:]))
 
 
-class AuON(OrthogonalizedOptimizer):
-    """AuON: linear-time, no Newton-Schulz: the momentum normalized by Frobenius norm and a cosh brake.
+def spectral_norm_estimate(
+    matrices: torch.Tensor, start: torch.Tensor | None = None, iterations: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest singular value of each ``(m, n)`` matrix of a ``(B, m, n)`` stack, by power iteration.
 
-    Unlike the reference code (which divides the raw momentum by the brake) the direction is the
-    unit-Frobenius momentum times ``sqrt(min(m, n))``, so its size does not depend on the gradient's
-    scale and matches a semi-orthogonal update: the same lr and update scaling apply as for Muon.
+    ``2 * iterations`` matrix-vector products per matrix: linear time, as AuON means to be. Returns
+    ``(sigma (B, 1, 1), v (B, n))``; pass ``v`` back as ``start`` on the next call (a warm start: the
+    momentum changes little between steps, so a few iterations stay tight). Power iteration
+    approaches ``sigma_1`` from below.
+    """
+    v = matrices.abs().sum(dim=-2) if start is None else start  # |A|'s column sums overlap the top vector
+    v = v + 1e-6 * v.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # never exactly orthogonal to it
+    for _ in range(iterations):
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        v = (matrices.transpose(-2, -1) @ (matrices @ v.unsqueeze(-1))).squeeze(-1)  # A^T A v
+    # |A^T A v|^(1/2) >= |A v| for a unit v: the tighter of the two lower bounds on sigma_1
+    sigma = v.norm(dim=-1).sqrt()
+    return sigma.view(-1, 1, 1), v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+class AuON(OrthogonalizedOptimizer):
+    """AuON: linear time, no Newton-Schulz: the momentum through the cosh brake, inside Muon's trust region.
+
+    ``D = cosh_brake(M)`` (unit-Frobenius momentum, braked, times ``sqrt(min(m, n))``: a
+    semi-orthogonal matrix's Frobenius norm), then the trust-region bound ``D / max(1, |D|_2)``
+    with ``|D|_2`` from ``power_iterations`` warm-started power iterations (state
+    ``power_vector``): linear time. Without the bound, a rank-``r`` momentum gives a step of
+    spectral norm up to ``sqrt(min(m, n) / r)`` where Muon's is 1 (a rank-2 32x32 skew block: 4x),
+    which collapsed OFT. With it the step is never larger than Muon's in spectral norm (1) nor in
+    Frobenius norm (``sqrt(stable rank) <= sqrt(rank)``), so Muon's lr and update scaling apply;
+    on a rank-1 momentum it is the exact polar factor Muon approximates. Since ``|D|_2 >= 1``
+    whenever the brake is near 1 (small entries, the usual case), the bound usually makes the step
+    ``M / |M|_2``: normalized momentum, scaled to Muon's spectral step.
     """
 
-    def __init__(self, params: Iterable[Any], gamma: float = 1.5, **kwargs: Any):
-        super().__init__(params, gamma=gamma, **kwargs)
+    def __init__(self, params: Iterable[Any], gamma: float = 1.5, power_iterations: int = 3, **kwargs: Any):
+        if power_iterations < 1:
+            raise ValueError(f"power_iterations must be >= 1, got {power_iterations}")
+        super().__init__(params, gamma=gamma, power_iterations=power_iterations, **kwargs)
+
+    def trust_region(self, direction: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """``direction / max(1, |direction|_2)``, the spectral norm estimated by warm-started power iteration."""
+        start = state.get("power_vector")
+        if start is not None and start.shape != (direction.shape[0], direction.shape[-1]):
+            start = None
+        sigma, state["power_vector"] = spectral_norm_estimate(direction, start, group["power_iterations"])
+        return direction / sigma.clamp_min(1.0)
 
     def direction(
         self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any], view: str
     ) -> torch.Tensor:
-        return cosh_brake(matrices.float(), group["gamma"], group["eps"])
+        return self.trust_region(cosh_brake(matrices.float(), group["gamma"], group["eps"]), state, group)
 
 
-class HybridAuON(OrthogonalizedOptimizer):
-    """Hybrid AuON: ``ns_steps`` (default 1) quintic Newton-Schulz steps, then AuON's cosh brake."""
+class HybridAuON(AuON):
+    """Hybrid AuON: ``ns_steps`` (default 1) quintic Newton-Schulz steps, then AuON's cosh brake and trust region."""
 
     variant_defaults: ClassVar[dict[str, Any]] = {"ns_steps": 1}
-
-    def __init__(self, params: Iterable[Any], gamma: float = 1.5, **kwargs: Any):
-        super().__init__(params, gamma=gamma, **kwargs)
 
     def direction(
         self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any], view: str
     ) -> torch.Tensor:
         orthogonal = self.orthogonalize(matrices, group, skew=view == "skew_packed")
-        return cosh_brake(orthogonal.float(), group["gamma"], group["eps"])
+        return self.trust_region(cosh_brake(orthogonal.float(), group["gamma"], group["eps"]), state, group)
 
 
 OPTIMIZERS: dict[str, type[OrthogonalizedOptimizer]] = {

@@ -13,11 +13,13 @@ keeping embeddings and heads on AdamW, where Muon is known not to help).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .optimizers import OPTIMIZERS, OrthogonalizedOptimizer
@@ -53,8 +55,10 @@ def _declared_views(model: nn.Module) -> dict[int, Route]:
                 check_view(view, param, label=name)
                 previous = routes.get(id(param))
                 if previous is not None and previous.view != view:
-                    raise ValueError(f"{name} is declared both as {previous.view!r} (as {previous.name}) and "
-                                     f"{view!r}; a shared tensor needs one view.")
+                    raise ValueError(
+                        f"{name} is declared both as {previous.view!r} (as {previous.name}) and "
+                        f"{view!r}; a shared tensor needs one view."
+                    )
                 routes[id(param)] = Route(name, param, view)
     return routes
 
@@ -113,10 +117,9 @@ def build_optimizer(
     _reject_sharded_model(model)
     key = name.lower().replace("-", "").replace("_", "")
     routes = route_parameters(model, muon_for_plain_matrices, head_names)
-    if not routes:
-        raise ValueError("The model has no trainable parameters (requires_grad=True); nothing to optimize.")
+    _check_trainable(model, routes, muon_for_plain_matrices)
     if key == "adamw":
-        return torch.optim.AdamW([r.param for r in routes], lr=lr, **kwargs)
+        return _warn_if_nothing_trains(torch.optim.AdamW([r.param for r in routes], lr=lr, **kwargs))
     if key not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; use 'adamw' or one of {sorted(OPTIMIZERS)}.")
 
@@ -134,7 +137,57 @@ def build_optimizer(
             fallback["weight_decay"] = adamw_weight_decay
         groups.append(fallback)
     optimizer_class: type[OrthogonalizedOptimizer] = OPTIMIZERS[key]
-    return optimizer_class(groups, lr=lr, **kwargs)
+    return _warn_if_nothing_trains(optimizer_class(groups, lr=lr, **kwargs))
+
+
+WRAP_ORDER_HINT = (
+    "An optimizer built before get_peft_model(...) or SFTTrainer(..., peft_config=...) wraps the model holds "
+    "the base weights, which the wrapping freezes, and not the adapter tensors it creates: it trains nothing."
+)
+
+
+def _holds_adapter(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is an adapter layer: it declares ``optimizer_views`` or is a PEFT layer."""
+    return any(getattr(type(m), "optimizer_views", None) or isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _check_trainable(model: nn.Module, routes: list[Route], muon_for_plain_matrices: bool) -> None:
+    """Refuse a model with nothing to train, or one whose trainable tensors are only its own base weights."""
+    if not routes:
+        raise ValueError(
+            "build_optimizer: the model has no trainable parameters (requires_grad=True); nothing to optimize. "
+            "Fix: build it from the model with its adapters trainable (get_peft_model(...), or "
+            "PeftModel.from_pretrained(..., is_trainable=True))."
+        )
+    if not muon_for_plain_matrices and not _holds_adapter(model):
+        raise ValueError(
+            f"build_optimizer: {type(model).__name__} holds no adapter (no orthoft or PEFT adapter layer): its "
+            f"{len(routes)} trainable tensors are the base model's own weights. {WRAP_ORDER_HINT} Fix: build the "
+            "optimizer from the wrapped model (peft_model = get_peft_model(model, config); "
+            "build_optimizer(peft_model, ...); SFTTrainer(model=peft_model, optimizers=(optimizer, None))). "
+            "To train the base weights on purpose, pass muon_for_plain_matrices=True (or use torch.optim.AdamW)."
+        )
+
+
+def _warn_if_nothing_trains(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Warn once, at a step, when none of the optimizer's tensors has a gradient (it would silently do nothing)."""
+
+    def check(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        if any(p.grad is not None for p in params):
+            return
+        frozen = sum(not p.requires_grad for p in params)
+        handle.remove()
+        warnings.warn(
+            f"orthoft optimizer: none of its {len(params)} tensors has a gradient at this step, so the step changes "
+            f"nothing ({frozen} of them are frozen now). {WRAP_ORDER_HINT} Fix: build it with build_optimizer() "
+            "from the model the trainer actually trains (after wrapping), and pass that one to the trainer.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    handle = optimizer.register_step_pre_hook(check)
+    return optimizer
 
 
 def _reject_sharded_model(model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 Givens and Householder rotations, singular factors, sparsity patterns and per-head factorizations."""
 
 from .blocks import block_diagonal, drop_blocks, rotate_blocks
-from .butterfly import apply_butterfly, butterfly_dense, butterfly_indices, butterfly_permutation
+from .butterfly import apply_butterfly, butterfly_dense, butterfly_permutation
 from .cayley import (
     DEFAULT_MAX_SKEW_NORM,
     DEFAULT_NEUMANN_DEGREE,
@@ -58,7 +58,6 @@ __all__ = [
     "block_size_from_packed",
     "bound_skew_norm",
     "butterfly_dense",
-    "butterfly_indices",
     "butterfly_permutation",
     "canonical_signs",
     "cayley_exact",

@@ -1,4 +1,4 @@
-"""Butterfly (BOFT) permutations as index vectors, and the input-side butterfly product.
+"""Butterfly (BOFT) permutations, and the input-side butterfly product as one autograd function.
 
 Factor ``i`` (0-based) works on chunks of ``b * 2^i`` coordinates split into ``2^(i+1)`` groups
 of ``b/2``; the permutation lists the groups even-first (``0, 2, 4, ..., 1, 3, 5, ...``) so each
@@ -7,17 +7,21 @@ identity. This is PEFT's ``block_butterfly_perm`` ordering, so parameters are in
 
 With ``P_i`` the permutation matrix of ``perm`` (``(P v)[k] = v[perm[k]]``) and
 ``B_i = P_i blockdiag(R_i) P_i^T``, the adapter rotation is ``M = B_{m-1} ... B_0`` and the
-input map is ``x -> x M``: per factor a gather, a block rotation and a gather back, never a
+input map is ``x -> x M``: per factor a block rotation between two layout changes, never a
 dense ``d x d`` matrix.
+
+The product runs feature-major (see :mod:`orthoft.orthogonal.blocks`): a permutation is a gather
+of whole contiguous feature rows, and the gather back of one factor composes with the gather into
+the next, so ``m`` factors cost ``m`` batched products and at most ``m + 1`` gathers. It is one
+autograd function that saves only its input and the blocks and recomputes the ``m - 1``
+intermediate products in backward, so memory stays that of the input, like LoRA's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .blocks import rotate_blocks
-
-_PERM_CACHE: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+from .blocks import block_chain
 
 
 def butterfly_permutation(features: int, block_size: int, factor: int) -> torch.Tensor:
@@ -35,34 +39,54 @@ def butterfly_permutation(features: int, block_size: int, factor: int) -> torch.
     return (chunk_starts[:, None] + within_chunk[None, :]).reshape(-1)
 
 
-def butterfly_indices(
-    features: int, block_size: int, factor: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(perm, inverse perm)`` for one factor on ``device``, cached."""
-    key = (features, block_size, factor, torch.device(device))
-    if key not in _PERM_CACHE:
-        perm = butterfly_permutation(features, block_size, factor)
-        _PERM_CACHE[key] = (perm.to(device), torch.argsort(perm).to(device))
-    return _PERM_CACHE[key]
+_PLAN_CACHE: dict[tuple, tuple] = {}
+
+
+def _chain_plan(features: int, block_size: int, order: tuple[int, ...], device: torch.device) -> tuple:
+    """Gathers for :func:`~orthoft.orthogonal.blocks.block_chain`: ``(steps, final, inverses)``, cached.
+
+    Factor ``f`` is ``gather(inv_f) -> blocks -> gather(perm_f)``; the gather back of one factor and the
+    gather into the next compose into one (``pending[inv_f]``): at most ``m + 1`` gathers for ``m`` factors.
+    """
+    key = (features, block_size, order, torch.device(device))
+    if key in _PLAN_CACHE:
+        return _PLAN_CACHE[key]
+    # cached tensors must not be inference tensors: a later training step at this size could not use them
+    with torch.inference_mode(False):
+        steps, pending = [], None
+        for factor in order:
+            if factor == 0:
+                index = pending
+            else:
+                perm = butterfly_permutation(features, block_size, factor)
+                inverse = torch.argsort(perm)
+                index = inverse if pending is None else pending[inverse]
+            steps.append(index)
+            pending = None if factor == 0 else perm
+        gathers = [*steps, pending]
+        inverses = tuple(None if g is None else torch.argsort(g).to(device) for g in gathers)
+        steps_on = tuple(None if g is None else g.to(device) for g in steps)
+        _PLAN_CACHE[key] = (steps_on, None if pending is None else pending.to(device), inverses)
+    return _PLAN_CACHE[key]
 
 
 def apply_butterfly(x: torch.Tensor, rotations: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x @ M`` (``x @ M^T`` with ``transpose``) for ``rotations`` of shape ``(m, n, b, b)``.
 
     ``M = B_{m-1} ... B_0``: ``x @ M`` applies factor ``m-1`` first; ``x @ M^T`` applies factor 0
-    first with transposed blocks.
+    first with transposed blocks. The blocks are cast to ``x``'s dtype (never the activations).
     """
-    m, _, b, _ = rotations.shape
+    m, n, b, _ = rotations.shape
     d = x.shape[-1]
-    order = range(m) if transpose else reversed(range(m))
-    for factor in order:
-        if factor == 0:
-            x = rotate_blocks(x, rotations[0], transpose)
-            continue
-        perm, inv = butterfly_indices(d, b, factor, x.device)
-        # x @ P gathers with the inverse permutation, @ P^T with the permutation itself
-        x = rotate_blocks(x.index_select(-1, inv), rotations[factor], transpose).index_select(-1, perm)
-    return x
+    if n * b != d or d % (b * 2 ** (m - 1)):
+        raise ValueError(
+            f"apply_butterfly: {m} factors of {n} blocks of size {b} do not fit {d} features "
+            f"(need n * b == d and d divisible by b * 2^(m-1) = {b * 2 ** (m - 1)})."
+        )
+    order = tuple(range(m)) if transpose else tuple(reversed(range(m)))
+    steps, final, inverses = _chain_plan(d, b, order, x.device)
+    blocks = (rotations.mT if transpose else rotations)[list(order)]
+    return block_chain(x, blocks, steps, final, inverses)
 
 
 def butterfly_dense(rotations: torch.Tensor, features: int) -> torch.Tensor:

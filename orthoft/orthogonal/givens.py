@@ -23,9 +23,13 @@ disjoint 2x2 blocks on real coordinates (orthogonal when the blocks are), and pa
 leaks into the result. With the tree layout this rule keeps exactly ``d - 1`` pairs for any
 ``d`` (each pair merges two subtrees), e.g. 767 for ``d = 768``.
 
-Parameters are ordered layer by layer, then by left index. Application is views, 4 multiply-adds
-per pair and a stack: ``O(d)`` work per row for the tree, ``O(d log d)`` for the butterfly;
-``R`` is never formed (``givens_matrix`` builds it for tests and inspection only).
+Parameters are ordered layer by layer, then by left index. Application works in place on one
+padded feature-major copy of the rows (a contiguous row of values per coordinate): each layer
+reads and writes its pairs as whole rows, 4 multiply-adds per pair, ``O(d)`` work per row for
+the tree, ``O(d log d)`` for the butterfly. It is one autograd function that saves only the
+input rows and the blocks, and replays the layers in backward (layer activations are never
+kept between forward and backward, so an adapted layer holds no activation of its own). ``R``
+is never formed (``givens_matrix`` builds it for tests and inspection only).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -166,7 +170,8 @@ def apply_givens(
     ``A`` is ``R``, ``R^T`` (``transpose``), ``R^{-1}`` (``inverse``) or ``R^{-T}`` (both), with
     ``R = G_L ... G_1`` built from ``blocks`` ``(plan.num_pairs, 2, 2)``. ``R^T`` and ``R^{-1}``
     run the layers in reverse order with transposed / inverted blocks. Blocks are cast to ``x``'s
-    dtype here, after any float32 work on them.
+    dtype here, after any float32 work on them. The result is a transposed view of a feature-major
+    buffer, which a following ``Linear`` reads as it is.
     """
     d = x.shape[-1]
     if d != plan.features:
@@ -175,58 +180,113 @@ def apply_givens(
         blocks = invert_blocks(blocks)
     if transpose:
         blocks = blocks.mT
-    layer_blocks = [b.to(x.dtype) for b in _full_layer_blocks(blocks, plan)]
+    slots = torch.cat(_full_layer_blocks(blocks, plan)).to(x.dtype)
     reverse = transpose != inverse
-    y = torch.nn.functional.pad(x, (0, plan.padded - d)) if plan.padded != d else x
-    if plan.layout == "tree":
-        y = _tree(y, layer_blocks, reverse)
-    else:
-        y = _butterfly(y, layer_blocks, reverse)
-    return y[..., :d] if plan.padded != d else y
+    return _GivensProduct.apply(x, slots, plan.layout, plan.layer_pairs, plan.padded, reverse)
 
 
-def _mix(block: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        block[..., 0, 0] * left + block[..., 0, 1] * right,
-        block[..., 1, 0] * left + block[..., 1, 1] * right,
-    )
+def _pairs(y: torch.Tensor, layout: str, r: int) -> torch.Tensor:
+    """View of layer ``r``'s pairs in a feature-major ``(padded, M)`` buffer, left then right coordinate on dim 1.
+
+    Tree: ``(P, 2, M)`` for pairs ``(k 2^r, k 2^r + 2^(r-1))``; butterfly: ``(padded / 2^r, 2, 2^(r-1), M)``
+    for ``(i, i + 2^(r-1))``, ``i mod 2^r < 2^(r-1)``. Every coordinate is a contiguous row of ``M``
+    values, and the pairs come in parameter order (by left index).
+    """
+    half = 2 ** (r - 1)
+    grouped = y.unflatten(0, (-1, 2, half))
+    return grouped[:, :, 0, :] if layout == "tree" else grouped
 
 
-def _butterfly(y: torch.Tensor, layer_blocks: list[torch.Tensor], reverse: bool) -> torch.Tensor:
-    batch, padded = y.shape[:-1], y.shape[-1]
-    layers = range(len(layer_blocks), 0, -1) if reverse else range(1, len(layer_blocks) + 1)
-    for r in layers:
-        half = 2 ** (r - 1)
-        pairs = y.reshape(*batch, padded // (2 * half), 2, half)
-        block = layer_blocks[r - 1].reshape(padded // (2 * half), half, 2, 2)
-        left, right = _mix(block, pairs[..., 0, :], pairs[..., 1, :])
-        y = torch.stack((left, right), -2).reshape(*batch, padded)
+def _mix_(pairs: torch.Tensor, blocks: torch.Tensor) -> None:
+    """``[l; r] <- B [l; r]`` for every pair, in place (``blocks`` ``(P, 2, 2)`` in parameter order)."""
+    if pairs.dim() == 3:  # tree: one batched (2, 2) x (2, M) product
+        pairs.copy_(torch.bmm(blocks, pairs))
+        return
+    left, right = pairs[:, 0], pairs[:, 1]
+    b00, b01, b10, b11 = (blocks[:, i, j].reshape(*left.shape[:-1], 1) for i in (0, 1) for j in (0, 1))
+    new_left = torch.addcmul(left * b00, right, b01)
+    right.copy_(torch.addcmul(left * b10, right, b11))
+    left.copy_(new_left)
+
+
+def _block_grad(grad_pairs: torch.Tensor, input_pairs: torch.Tensor) -> torch.Tensor:
+    """``sum_M g_i v_j`` for every pair: the ``(P, 2, 2)`` gradient of its block."""
+    if grad_pairs.dim() == 3:
+        return torch.bmm(grad_pairs, input_pairs.mT)
+    return torch.einsum("aihm,ajhm->ahij", grad_pairs, input_pairs).reshape(-1, 2, 2)
+
+
+def _layer_order(layer_pairs: tuple[int, ...], reverse: bool) -> list[int]:
+    layers = list(range(1, len(layer_pairs) + 1))
+    return layers[::-1] if reverse else layers
+
+
+class _GivensProduct(torch.autograd.Function):
+    """The layers of a Givens product, in place on one padded feature-major buffer; saves only ``x`` and the blocks.
+
+    Feature-major (``(padded, M)``, one contiguous row of ``M`` values per coordinate): every pair
+    operand is a whole row, so a tree layer is one batched ``(2, 2) x (2, M)`` product and a
+    butterfly layer 4 vectorized multiply-adds. Backward replays the forward once to recover each
+    layer's input pairs (``2 d`` numbers per row for the tree, ``d`` per layer for the butterfly,
+    freed when backward ends), then walks the layers back.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        layout: str,
+        layer_pairs: tuple[int, ...],
+        padded: int,
+        reverse: bool,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, slots)
+        ctx.setup = (layout, layer_pairs, padded, reverse)
+        y, _ = _givens_layers(x, slots, ctx.setup, keep_inputs=False)
+        return y[: x.shape[-1]].T.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, slots = ctx.saved_tensors
+        layout, layer_pairs, padded, reverse = ctx.setup
+        _, inputs = _givens_layers(x, slots, ctx.setup, keep_inputs=True)
+        g = _padded_feature_major(grad, padded)
+        per_layer = slots.split(layer_pairs)
+        grad_layers: list[torch.Tensor] = [slots.new_zeros(0)] * len(layer_pairs)
+        for r in reversed(_layer_order(layer_pairs, reverse)):
+            g_pairs = _pairs(g, layout, r)
+            if ctx.needs_input_grad[1]:
+                grad_layers[r - 1] = _block_grad(g_pairs, inputs.pop())
+            _mix_(g_pairs, per_layer[r - 1].mT)
+        grad_slots = torch.cat(grad_layers) if ctx.needs_input_grad[1] else None
+        # row-major like x: a transposed gradient would make every consumer upstream stride across rows
+        grad_x = g[: x.shape[-1]].T.contiguous().reshape(x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_slots, None, None, None, None
+
+
+def _padded_feature_major(x: torch.Tensor, padded: int) -> torch.Tensor:
+    """``(..., d) -> (padded, M)`` contiguous, zero rows below ``d``: the buffer the layers work on in place."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = rows.new_zeros(padded, rows.shape[0]) if padded != rows.shape[1] else rows.new_empty(padded, rows.shape[0])
+    y[: rows.shape[1]] = rows.T
     return y
 
 
-def _tree(y: torch.Tensor, layer_blocks: list[torch.Tensor], reverse: bool) -> torch.Tensor:
-    # Layer r only touches multiples of 2^(r-1): the even-indexed survivors of layer r-1. So peel
-    # one interleaving level per layer (views), mix, and interleave back: O(d) work and memory.
-    batch = y.shape[:-1]
-    num_layers = len(layer_blocks)
-    if not reverse:
-        finished = []
-        for r in range(1, num_layers + 1):
-            pairs = y.reshape(*batch, -1, 2)
-            y, right = _mix(layer_blocks[r - 1], pairs[..., 0], pairs[..., 1])
-            finished.append(right)
-        for right in reversed(finished):
-            y = torch.stack((y, right), -1).reshape(*batch, -1)
-        return y
-    rights = []
-    for _ in range(num_layers):
-        pairs = y.reshape(*batch, -1, 2)
-        y = pairs[..., 0]
-        rights.append(pairs[..., 1])
-    for r in range(num_layers, 0, -1):
-        left, right = _mix(layer_blocks[r - 1], y, rights[r - 1])
-        y = torch.stack((left, right), -1).reshape(*batch, -1)
-    return y
+def _givens_layers(
+    x: torch.Tensor, slots: torch.Tensor, setup: tuple, keep_inputs: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The product on a padded feature-major copy of ``x``, and (``keep_inputs``) every layer's input pairs."""
+    layout, layer_pairs, padded, reverse = setup
+    y = _padded_feature_major(x, padded)
+    per_layer = slots.split(layer_pairs)
+    inputs = []
+    for r in _layer_order(layer_pairs, reverse):
+        pairs = _pairs(y, layout, r)
+        if keep_inputs:
+            inputs.append(pairs.clone())
+        _mix_(pairs, per_layer[r - 1])
+    return y, inputs
 
 
 def givens_matrix(blocks: torch.Tensor, plan: GivensPlan) -> torch.Tensor:

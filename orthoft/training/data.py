@@ -2,12 +2,17 @@
 
 Three kinds of data:
 
-* plain text (``hamlet``, ``text_file``, ``hf`` with a text field): tokenized as one stream, cut
-  into equal blocks of ``block_size`` tokens; the LAST ``held_out_fraction`` of the blocks is the
-  evaluation set, so no evaluated text was trained on (not even overlapping windows).
-* labelled text (``rotten_tomatoes``, ``hf`` with a label field): one example per row, truncated.
-* instructions (``hf`` with ``prompt_template``/``response_template``): the loss covers only
-  the response tokens.
+* plain text (``hamlet``, ``text_file``, a ``file`` that is not a row file, ``hf``/``file`` rows
+  with a text field): tokenized as one stream, cut into equal blocks of ``block_size`` tokens; the
+  LAST ``held_out_fraction`` of the blocks is the evaluation set, so no evaluated text was trained
+  on (not even overlapping windows).
+* labelled text (``rotten_tomatoes``, ``hf``/``file`` rows with a label field): one example per
+  row, truncated.
+* instructions (``hf``/``file`` rows with ``prompt_template``/``response_template``): the loss
+  covers only the response tokens.
+
+Local files (``source: file``, or just ``path: my.jsonl``) are read by ``orthoft.io.datafiles``:
+``.jsonl``/``.json``/``.csv``/``.tsv`` rows, anything else plain text.
 
 The batch order is a pure function of (seed, epoch, position), see :class:`BatchPlan`: that is what
 makes ``--resume`` exact without saving a data loader's state.
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 
 from ..io.batches import IGNORE_INDEX
+from ..io.datafiles import ROW_SUFFIXES, read_rows
 from .recipe import DataSection, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ def build_task_data(section: DataSection, tokenizer: Any, task: str, seed: int) 
         if not path.is_file():
             raise RecipeError(f"data.path: text file {path} does not exist.")
         data = _text_blocks(path.read_text(encoding="utf-8"), section, tokenizer, str(path))
+    elif section.source == "file" or (section.source == "hf" and Path(section.path or "").is_file()):
+        data = _file_data(section, tokenizer, task, seed)  # hf cannot read one local file offline
     elif section.source == "rotten_tomatoes":
         from orthoft.defaults import rotten_tomatoes
 
@@ -98,7 +106,29 @@ def _text_blocks(text: str, section: DataSection, tokenizer: Any, description: s
 def _classification(rows: list[dict[str, Any]], section: DataSection, tokenizer: Any) -> list[dict[str, Any]]:
     texts = [row[section.text_field] for row in rows]
     encoded = tokenizer(texts, truncation=True, max_length=section.max_length)["input_ids"]
-    return [{"input_ids": ids, "labels": int(row[section.label_field])} for ids, row in zip(encoded, rows)]
+    return [{"input_ids": ids, "labels": _label(row, section)} for ids, row in zip(encoded, rows)]
+
+
+def _label(row: dict[str, Any], section: DataSection) -> int:
+    value = row[section.label_field]
+    try:
+        return int(value)  # CSV gives "1"
+    except (TypeError, ValueError) as err:
+        raise RecipeError(
+            f"data.label_field: {section.label_field!r} is {value!r} in row {row}; labels must be class numbers "
+            "0..num_labels-1 (map label names to numbers in the file)."
+        ) from err
+
+
+def _require_fields(rows: list[dict[str, Any]], fields: list[str], description: str) -> None:
+    """RecipeError naming a row that lacks one of ``fields`` (the recipe's text/label field names)."""
+    for row in rows:
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise RecipeError(
+                f"data: a row of {description} has no field {missing[0]!r} (its fields: {sorted(row)}); set "
+                "data.text_field / data.label_field to the data's column names."
+            )
 
 
 def _instruction(rows: list[dict[str, Any]], section: DataSection, tokenizer: Any) -> list[dict[str, Any]]:
@@ -150,19 +180,35 @@ def _hf_data(section: DataSection, tokenizer: Any, task: str, seed: int) -> Task
         rows = list(train_rows)
         eval_rows, train_rows = rows[: section.eval_size], rows[section.eval_size :]
     test_rows = list(loaded[section.test_split]) if section.test_split else None
+    description = f"{section.path} ({section.hf_config or 'default'})"
+    return _rows_data(train_rows, eval_rows, test_rows, section, tokenizer, task, description)
+
+
+def _rows_data(
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    test_rows: list[dict[str, Any]] | None,
+    section: DataSection,
+    tokenizer: Any,
+    task: str,
+    description: str,
+) -> TaskData:
+    """Rows (from the hub or a local file) as labelled, instruction or plain-text examples."""
     if section.max_eval_examples:
         eval_rows = eval_rows[: section.max_eval_examples]
     if test_rows is not None and section.max_test_examples:
         test_rows = test_rows[: section.max_test_examples]
-    description = f"{section.path} ({section.hf_config or 'default'})"
+    all_rows = train_rows + eval_rows + (test_rows or [])
     if task == "sequence_classification":
+        _require_fields(all_rows, [section.text_field, section.label_field], description)
         convert = _classification
         kind = "classification"
     elif section.prompt_template is not None:
         convert = _instruction
         kind = "lm"
     else:
-        text = "\n\n".join(row[section.text_field] for row in train_rows + eval_rows)
+        _require_fields(train_rows + eval_rows, [section.text_field], description)
+        text = "\n\n".join(str(row[section.text_field]) for row in train_rows + eval_rows)
         return _text_blocks(text, section, tokenizer, description)
     return TaskData(
         kind,
@@ -171,6 +217,48 @@ def _hf_data(section: DataSection, tokenizer: Any, task: str, seed: int) -> Task
         test=convert(test_rows, section, tokenizer) if test_rows is not None else None,
         description=description,
     )
+
+
+def _file_data(section: DataSection, tokenizer: Any, task: str, seed: int) -> TaskData:
+    """A local file: plain text cut into blocks, or rows (shuffled with ``seed``, ``eval_size`` held out)."""
+    path = Path(section.path or "")
+    if not path.is_file():
+        raise RecipeError(f"data.path: file {path} does not exist (a relative path starts in {Path.cwd()}).")
+    if path.suffix.lower() not in ROW_SUFFIXES:
+        if task != "causal_lm":
+            raise RecipeError(
+                f"data.path: {path} is plain text, which has no labels; model.task {task!r} needs rows with "
+                f"fields {section.text_field!r} and {section.label_field!r} (a .jsonl, .json or .csv file)."
+            )
+        return _text_blocks(path.read_text(encoding="utf-8"), section, tokenizer, str(path))
+    splits = read_rows(path)
+    rows = _split_rows(splits, section.train_split, "train_split", path)
+    description = f"{path} ({len(rows)} {section.train_split} rows)"
+    if task == "causal_lm" and section.prompt_template is None:  # one text stream, in file order
+        tail = _split_rows(splits, section.eval_split, "eval_split", path) if section.eval_split else []
+        return _rows_data(rows, tail, None, section, tokenizer, task, description)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [rows[i] for i in order]
+    if section.eval_split:
+        eval_rows = _split_rows(splits, section.eval_split, "eval_split", path)
+    elif section.eval_size >= len(rows):
+        raise RecipeError(
+            f"data.eval_size: holding out {section.eval_size} rows leaves none of the {len(rows)} rows of {path} for "
+            f"training; set data.eval_size (e.g. {max(1, len(rows) // 10)}) or name a split in data.eval_split."
+        )
+    else:
+        eval_rows, rows = rows[: section.eval_size], rows[section.eval_size :]
+    test_rows = _split_rows(splits, section.test_split, "test_split", path) if section.test_split else None
+    return _rows_data(rows, eval_rows, test_rows, section, tokenizer, task, description)
+
+
+def _split_rows(splits: dict[str, list[dict[str, Any]]], name: str, key: str, path: Path) -> list[dict[str, Any]]:
+    if name not in splits:
+        raise RecipeError(
+            f"data.{key}: {path} has no split {name!r}; its splits: {list(splits)} (a .json file may map split names "
+            "to lists of rows; .jsonl and .csv files are one split, 'train')."
+        )
+    return list(splits[name])
 
 
 class BatchPlan:

@@ -1,7 +1,8 @@
 """Pieces every Accelerate training loop of orthoft shares (LLM recipes and diffusion alike).
 
 * :func:`make_accelerator`: an ``Accelerator`` with ``auto`` mixed precision resolved and, under
-  ``torchrun``/``accelerate launch`` without GPUs, a gloo process group on CPU.
+  ``torchrun``/``accelerate launch`` without GPUs, a gloo process group on CPU; experiment trackers
+  (``report_to``) that are checked to be installed.
 * :func:`float32_trainable`: trainable tensors in float32 under any autocast (rotations are built in
   float32 even for bf16/fp16 models).
 * :func:`optimizer_update`: clip, step, schedule (not after an fp16 overflow skip), zero the grads.
@@ -26,16 +27,35 @@ def resolve_mixed_precision(name: str) -> str:
     return auto_mixed_precision() if name == "auto" else name
 
 
-def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1) -> Any:
-    """An ``accelerate.Accelerator`` for one process (CPU or GPU) or several (DDP; gloo on CPU)."""
-    from accelerate import Accelerator
+def make_accelerator(
+    mixed_precision: str = "auto",
+    gradient_accumulation_steps: int = 1,
+    log_with: list[str] | None = None,
+    project_dir: str | os.PathLike | None = None,
+) -> Any:
+    """An ``accelerate.Accelerator`` for one process (CPU or GPU) or several (DDP; gloo on CPU).
 
+    ``log_with``: Accelerate trackers (``tensorboard``, ``wandb``, ...) writing under ``project_dir``;
+    ValueError when one is not installed (Accelerate itself would drop it without a word).
+    """
+    from accelerate import Accelerator
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(tracker) for tracker in get_available_trackers()]
+    missing = [name for name in log_with or [] if name != "all" and name not in available]
+    if missing:
+        raise ValueError(
+            f"report_to: tracker {missing[0]!r} is not installed in this environment (installed: {available}). "
+            f"Fix: pip install {missing[0]}, or drop it from report_to."
+        )
     distributed_env = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
         mixed_precision=resolve_mixed_precision(mixed_precision),
         gradient_accumulation_steps=gradient_accumulation_steps,
         # Accelerate only starts a gloo process group on CPU when told it is a CPU run
         cpu=distributed_env and not torch.cuda.is_available(),
+        log_with=list(log_with) if log_with else None,
+        project_dir=project_dir,
     )
 
 

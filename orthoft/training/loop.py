@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,22 +46,33 @@ from ..adapters import regularization_loss  # importing orthoft.adapters also re
 from ..evaluation import evaluate_examples, format_orthogonality, generate_sample, orthogonality_report
 from ..export import export_merged
 from ..io.batches import collate
-from ..optim import build_optimizer
+from ..io.files import write_text_atomic
+from ..optim import build_optimizer, resolve_lr
 from .checkpoint import (
     TrainerState,
     adapter_digest,
     check_resumable,
-    load_checkpoint,
-    prepare_output_dir,
+    load_newest,
+    resumable_checkpoints,
     save_checkpoint,
-    save_tensors,
+    save_final,
     trainable_state,
 )
 from .data import BatchPlan, build_task_data
 from .engine import make_accelerator, optimizer_update
+from .finite import check_final, check_finite
 from .models import build_peft_model, count_parameters, load_base_model, load_tokenizer
 from .recipe import OptimSection, Recipe, RecipeError
-from .runlog import MetricsLog, configure_logging, format_metrics, plot_curves, print_summary
+from .rundir import RunFolder, check_output_paths, explain_os_error
+from .runlog import (
+    MetricsLog,
+    configure_logging,
+    format_metrics,
+    plot_curves,
+    print_summary,
+    run_hyperparameters,
+    run_title,
+)
 
 logger = logging.getLogger("orthoft.train")
 
@@ -82,10 +92,12 @@ def build_recipe_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch
     """``orthoft.optim.build_optimizer`` with the recipe's optimizer section."""
     kwargs = dict(optim.options)
     kwargs["weight_decay"] = optim.weight_decay
-    if optim.adamw_lr is not None and optim.name.lower() != "adamw":
-        kwargs["adamw_lr"] = optim.adamw_lr  # build_optimizer's adamw puts every tensor in one group
+    # lr: auto -> the adapter method's measured default (and its AdamW one for the fallback group)
+    lr, adamw_lr = resolve_lr(model, optim.name, optim.lr, optim.adamw_lr)
+    if adamw_lr is not None and optim.name.lower() != "adamw":
+        kwargs["adamw_lr"] = adamw_lr  # build_optimizer's adamw puts every tensor in one group
     try:
-        return build_optimizer(model, optim.name, lr=optim.lr, **kwargs)
+        return build_optimizer(model, optim.name, lr=lr, **kwargs)
     except TypeError as err:
         raise RecipeError(f"optim.options: {optim.options} not accepted by optimizer {optim.name!r}: {err}") from err
 
@@ -98,14 +110,27 @@ class TrainingRun:
         self.recipe = recipe
         self.wall_start = time.perf_counter()
         self.phases: dict[str, float] = {}  # seconds per phase, for the summary
-        self.accelerator = make_accelerator(recipe.train.mixed_precision)
+        self.accelerator = make_accelerator(
+            recipe.train.mixed_precision, log_with=recipe.train.report_to, project_dir=recipe.output_dir() / "trackers"
+        )
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         configure_logging(logger, self.is_main)
         self.output_dir = recipe.output_dir()
-        self.checkpoint = self._prepare_folder(resume, overwrite)
-        self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
-        self._build_model_and_data()
+        self.folder = RunFolder(self.output_dir, self.is_main)
+        self.checkpoint: Path | None = None  # the one resumed from (set by start)
+        try:
+            self.candidates = self._prepare_folder(resume, overwrite)
+            trackers = self.accelerator if recipe.train.report_to else None
+            self.log = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main, trackers)
+            if trackers is not None:  # only now: an earlier run's tracker files were set aside above
+                trackers.init_trackers("orthoft", config=run_hyperparameters(recipe))
+            self._build_model_and_data()
+            if not resume and self.is_main:  # a resume rewrites it only once its checkpoint has loaded
+                self.save_recipe()
+        except BaseException:
+            self.folder.roll_back()  # an earlier run set aside by --overwrite comes back
+            raise
         self.state = TrainerState(world_size=self.world)
         self.progress: Any = None
 
@@ -116,19 +141,19 @@ class TrainingRun:
         yield
         self.phases[phase] = round(self.phases.get(phase, 0.0) + time.perf_counter() - start, 2)
 
-    def _prepare_folder(self, resume: bool, overwrite: bool) -> Path | None:
-        accelerator, output_dir = self.accelerator, self.output_dir
-        if self.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        checkpoint = prepare_output_dir(output_dir, resume, overwrite, self.is_main)
-        if checkpoint is not None:
-            check_resumable(self.recipe, output_dir)
-        accelerator.wait_for_everyone()
-        if self.is_main:
-            text = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)
-            (output_dir / "recipe.yaml").write_text(text, encoding="utf-8")
-        return checkpoint
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> list[Path]:
+        """Check the paths, then claim the folder; with ``resume``, the intact checkpoints (newest first)."""
+        check_output_paths(self.recipe)
+        self.folder.claim(resume, overwrite)
+        candidates = resumable_checkpoints(self.output_dir, logger.warning) if resume else []
+        if resume:
+            check_resumable(self.recipe, self.output_dir)
+        self.accelerator.wait_for_everyone()
+        return candidates
+
+    def save_recipe(self) -> None:
+        """``recipe.yaml``: the validated recipe, overrides applied (what --resume compares with)."""
+        write_text_atomic(self.output_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
 
     def _build_model_and_data(self) -> None:
         recipe, accelerator = self.recipe, self.accelerator
@@ -222,9 +247,12 @@ class TrainingRun:
     # ---- the steps -----------------------------------------------------------------------------
     def start(self) -> None:
         """Resume from the checkpoint, or evaluate the untrained adapter; then open the progress bar."""
-        recipe, checkpoint = self.recipe, self.checkpoint
-        if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.accelerator, self.unwrapped, self.optimizer, self.scheduler)
+        recipe = self.recipe
+        if self.candidates:
+            checkpoint, self.state = load_newest(
+                self.candidates, self.accelerator, self.unwrapped, self.optimizer, self.scheduler, logger.warning
+            )
+            self.checkpoint = checkpoint
             if self.state.world_size != self.world:
                 raise RecipeError(
                     f"--resume: {checkpoint} was written by {self.state.world_size} processes, this run has "
@@ -232,6 +260,8 @@ class TrainingRun:
                     "of processes."
                 )
             self.log.truncate_after(self.state.step)
+            if self.is_main:
+                self.save_recipe()
             logger.info("resumed from %s (step %d of %d)", checkpoint, self.state.step, recipe.train.max_steps)
         elif recipe.eval.eval_before:
             before = self.evaluate(self.data.eval)
@@ -265,23 +295,22 @@ class TrainingRun:
             sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(self.model)
             with sync:
                 with accelerator.autocast():
+                    # includes the adapters' penalty: the PEFT model adds it in training (adapters.regularization)
                     loss = self.model(**batch).loss.float()
-                penalty = regularization_loss(self.unwrapped).float()  # 0 for methods without a penalty
-                reg_sum += penalty.detach()
-                accelerator.backward((loss + penalty) / accumulation)
-            loss_sum += loss.detach()
+                with torch.no_grad():  # the same float32 value, for the log only; 0 for methods without a penalty
+                    penalty = regularization_loss(self.unwrapped).float()
+                reg_sum += penalty
+                accelerator.backward(loss / accumulation)
+            loss_sum += (loss - penalty).detach()  # the task loss, as logged before
+        loss_value = float(accelerator.reduce(loss_sum / accumulation, "mean"))
+        # before the update, so a NaN never reaches the weights; fp16's grad scaler skips inf gradients itself
+        check_finite(self.unwrapped, loss_value, batch, state.step + 1, self.output_dir, self.accelerator)
         grad_norm = optimizer_update(accelerator, self.optimizer, self.scheduler, self.trainable, train.max_grad_norm)
         state.step += 1
         seconds = time.perf_counter() - step_start
         state.train_seconds += seconds
         global_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
         state.tokens_seen += global_tokens
-        loss_value = float(accelerator.reduce(loss_sum / accumulation, "mean"))
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"step {state.step}: training loss is {loss_value}. Lower optim.lr, set train.max_grad_norm, or "
-                "use a more stable precision (train.mixed_precision: no / bf16)."
-            )
         return StepResult(loss_value, reg_sum, grad_norm, global_tokens, seconds)
 
     def log_step(self, result: StepResult) -> None:
@@ -316,8 +345,9 @@ class TrainingRun:
             self.log.write({"event": "eval", "step": step, **metrics})
             self.progress.write(f"step {step}: eval {format_metrics(metrics)}")
             if self.is_main:
-                plot_curves(self.log.records(), self.output_dir / "curves.png")
+                plot_curves(self.log.records(), self.output_dir / "curves.png", run_title(self.recipe))
         if train.save_every and step % train.save_every == 0:
+            self.log.sync()  # the log up to this step is as durable as the checkpoint
             with self.timed("checkpoint"):
                 save_checkpoint(
                     self.output_dir,
@@ -328,6 +358,7 @@ class TrainingRun:
                     self.state,
                     train.keep_checkpoints,
                 )
+            self.folder.commit()  # the new run has a checkpoint: an earlier run set aside by --overwrite goes
 
     # ---- after training ------------------------------------------------------------------------
     def save_final(self) -> tuple[list[str], float]:
@@ -341,11 +372,10 @@ class TrainingRun:
         digests = gather_object([adapter_digest(final)])
         if spread > 0:
             logger.warning("adapter weights differ across processes (max |diff| %.3g): DDP went out of sync", spread)
+        check_final(final)  # never a NaN adapter as final/
         if self.is_main:
-            final_dir = self.output_dir / "final"
-            (final_dir / "adapter").mkdir(parents=True, exist_ok=True)
-            self.unwrapped.save_pretrained(str(final_dir / "adapter"))
-            save_tensors(final, final_dir / "trainable.safetensors")
+            save_final(self.unwrapped, final, self.output_dir / "final")
+        self.folder.commit()
         return digests, spread
 
     def export(self) -> str:
@@ -368,7 +398,7 @@ class TrainingRun:
         """``orthogonality.json`` and its first lines on the console (main process)."""
         with self.timed("orthogonality"):
             report = orthogonality_report(self.unwrapped)
-        (self.output_dir / "orthogonality.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_text_atomic(self.output_dir / "orthogonality.json", json.dumps(report, indent=2))
         tqdm.write(format_orthogonality(report, limit=5))
         return report
 
@@ -410,8 +440,9 @@ class TrainingRun:
         final_record = {k: summary[k] for k in ("after", "test", "rank_max_abs_diff")}
         self.log.write({"event": "final", "step": state.step, **final_record})
         if self.is_main:
-            plot_curves(self.log.records(), self.output_dir / "curves.png")
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            plot_curves(self.log.records(), self.output_dir / "curves.png", run_title(self.recipe))
+            self.log.sync()
+            write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.output_dir)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
@@ -420,11 +451,23 @@ class TrainingRun:
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe; returns the summary written to ``summary.json`` (on every process)."""
-    run = TrainingRun(recipe, resume=resume, overwrite=overwrite)
-    run.start()
-    while run.state.step < recipe.train.max_steps:
-        run.run_step()
-    return run.finish()
+    try:
+        run = TrainingRun(recipe, resume=resume, overwrite=overwrite)
+        try:
+            run.start()
+            while run.state.step < recipe.train.max_steps:
+                run.run_step()
+            return run.finish()
+        except BaseException:
+            if run.progress is not None:
+                run.progress.close()  # the error goes on a line of its own, not after the bar
+            run.folder.roll_back()  # before the first checkpoint: this run's files go, an earlier run comes back
+            raise
+    except OSError as err:  # a full, read-only or forbidden disk: one line with the path and the fix
+        explained = explain_os_error(err, recipe.output_dir())
+        if explained is None:
+            raise
+        raise explained from err
 
 
 __all__ = ["StepResult", "TrainingRun", "build_recipe_optimizer", "train"]

@@ -7,7 +7,9 @@ default recipes never touch the hub.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,22 @@ from .recipe import ModelSection
 logger = logging.getLogger(__name__)
 
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
+# a disk that cannot be written is not a wrong model path: those errors pass through unchanged
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+ADAPTABLE = ("Linear", "Conv1D", "Conv2d", "Embedding", "Linear4bit", "Linear8bitLt")
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line only (transformers' messages run to many lines)."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300].rstrip(". ")
+
+
+def loading_error(err: BaseException) -> bool:
+    """Whether ``err`` is a model/tokenizer that cannot be found or read (not a full disk or a bug)."""
+    if isinstance(err, OSError):
+        return err.errno not in DISK_ERRNOS
+    return isinstance(err, (ValueError, KeyError, defaults.MissingResourceError))
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -39,7 +57,16 @@ def load_tokenizer(section: ModelSection) -> Any:
     from transformers import AutoTokenizer
 
     source = section.tokenizer or section.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(source), trust_remote_code=section.trust_remote_code)
+    key = "model.tokenizer" if section.tokenizer else "model.name_or_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(source), trust_remote_code=section.trust_remote_code)
+    except Exception as err:
+        if not loading_error(err):
+            raise
+        raise RecipeError(
+            f"{key}: cannot load a tokenizer from {source!r}: {first_line(err)}. Fix: set {key} to a folder with "
+            "tokenizer files, an embedded model (smollm2, minilm), or a hub id (needs the network)."
+        ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RecipeError(
@@ -47,6 +74,12 @@ def load_tokenizer(section: ModelSection) -> Any:
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def auto_model_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
 def load_base_model(
@@ -57,19 +90,12 @@ def load_base_model(
     ``device_map``: where quantized weights go (bitsandbytes places them while loading); unquantized
     models are loaded on CPU and moved by Accelerate.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto_cls = AutoModelForCausalLM if section.task == "causal_lm" else AutoModelForSequenceClassification
+    auto_cls = auto_model_class(section.task)
     # auto: bfloat16 on a GPU with bf16 support, float16 on other GPUs, float32 on CPU
     compute_dtype = resolve_dtype(section.compute_dtype, "model.compute_dtype")
-    task_kwargs: dict[str, Any] = {}
-    if section.task == "sequence_classification":
-        task_kwargs["num_labels"] = section.num_labels
+    task_kwargs = task_options(section)
     if section.from_config is not None:
-        options = dict(section.from_config)
-        options.setdefault("vocab_size", len(tokenizer))
-        options.setdefault("pad_token_id", tokenizer.pad_token_id)
-        config = AutoConfig.for_model(options.pop("model_type"), **options, **task_kwargs)
+        config = config_from_recipe(section, tokenizer)
         torch.manual_seed(seed)  # random init is part of the run's seeded state
         model = auto_cls.from_config(config)
         return model.to(compute_dtype), compute_dtype
@@ -95,10 +121,79 @@ def load_base_model(
         kwargs["dtype"] = compute_dtype
     # a classification head is new: seed it so every process (and every rerun) starts the same
     torch.manual_seed(seed)
-    model = auto_cls.from_pretrained(resolve_path(section.name_or_path), **kwargs)
+    try:
+        model = auto_cls.from_pretrained(resolve_path(section.name_or_path), **kwargs)
+    except Exception as err:
+        if not loading_error(err):
+            raise
+        raise RecipeError(
+            f"model.name_or_path: cannot load a model from {section.name_or_path!r}: {first_line(err)}. Fix: set it "
+            "to a model folder (config.json and weights), an embedded model (smollm2, minilm), or a hub id."
+        ) from err
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, compute_dtype
+
+
+def task_options(section: ModelSection) -> dict[str, Any]:
+    return {"num_labels": section.num_labels} if section.task == "sequence_classification" else {}
+
+
+def config_from_recipe(section: ModelSection, tokenizer: Any = None) -> Any:
+    """The transformers config of ``model`` (from ``from_config``, or read from the model folder: no weights)."""
+    from transformers import AutoConfig
+
+    if section.from_config is None:
+        try:
+            path = resolve_path(section.name_or_path)
+            return AutoConfig.from_pretrained(
+                path, trust_remote_code=section.trust_remote_code, **task_options(section)
+            )
+        except Exception as err:
+            if not loading_error(err):
+                raise
+            raise RecipeError(
+                f"model.name_or_path: cannot read the model config of {section.name_or_path!r}: {first_line(err)}. "
+                "Fix: set it to a model folder with a config.json, an embedded model (smollm2, minilm), or a hub id."
+            ) from err
+    options = dict(section.from_config)
+    if tokenizer is not None:
+        options.setdefault("vocab_size", len(tokenizer))
+        options.setdefault("pad_token_id", tokenizer.pad_token_id)
+    try:
+        return AutoConfig.for_model(options.pop("model_type"), **options, **task_options(section))
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(
+            f"model.from_config: {first_line(err)}. Fix: use a transformers model_type and its fields."
+        ) from err
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the layers an adapter can target (``q_proj``, ``dense`` ...), in model order, once each."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and type(module).__name__ in ADAPTABLE:
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+def check_target_modules(model: nn.Module, options: dict[str, Any]) -> None:
+    """RecipeError naming each ``adapter.target_modules`` entry that matches no module (PEFT would skip it)."""
+    targets = options.get("target_modules")
+    if not targets or targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):  # a regex over full module names, as PEFT reads it
+        unmatched = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
+    else:
+        unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        available = module_names(model)
+        raise RecipeError(
+            f"adapter.target_modules: {', '.join(map(repr, unmatched))} matches no module of this model. Layers "
+            f"it has: {available[:16]}{' ...' if len(available) > 16 else ''}. Fix: use those names, a regex, or "
+            "all-linear."
+        )
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -132,7 +227,11 @@ def build_peft_model(
         # non-reentrant checkpointing needs no input grads and keeps RNG state for exact recompute
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base_model.config.use_cache = False
-    model = get_peft_model(base_model, adapter_config(adapter, task, name_or_path))
+    check_target_modules(base_model, adapter.options)
+    try:
+        model = get_peft_model(base_model, adapter_config(adapter, task, name_or_path))
+    except ValueError as err:  # the adapters' own messages name the layer and the valid sizes
+        raise RecipeError(f"adapter ({adapter.method}): {err}") from err
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(
             f"adapter: method {adapter.method!r} with options {adapter.options} made no parameter trainable; "

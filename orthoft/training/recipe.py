@@ -14,12 +14,15 @@ values are parsed as YAML (``true``, ``1e-3``, ``[q_proj, v_proj]``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ..io.datafiles import DATA_FILE_SUFFIXES
+from ..io.recipes import find_recipe
 from ..io.schema import (
     AdapterSection,
     RecipeError,
@@ -31,7 +34,9 @@ from ..io.schema import (
 from ..optim.optimizers import OPTIMIZERS
 
 TASKS = ("causal_lm", "sequence_classification")
-DATA_SOURCES = ("hamlet", "rotten_tomatoes", "text_file", "hf")
+DATA_SOURCES = ("hamlet", "rotten_tomatoes", "file", "text_file", "hf")
+# accelerate.utils.LoggerType's values, spelled out so validating a recipe does not import accelerate
+TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all")
 
 
 @dataclass
@@ -72,12 +77,29 @@ class ModelSection:
             raise RecipeError(f"{where}: from_config builds float weights; drop load_in_4bit/load_in_8bit.")
 
 
+def infer_data_source(path: str | None, where: str) -> str:
+    """``file`` for a local data file (by suffix, or because it exists), ``hf`` for anything else."""
+    if not path:
+        raise RecipeError(
+            f"{where}: set source (one of {list(DATA_SOURCES)}) or path (a local .jsonl/.json/.csv/.txt file or a "
+            "datasets id)."
+        )
+    return "file" if Path(path).suffix.lower() in DATA_FILE_SUFFIXES or Path(path).is_file() else "hf"
+
+
 @dataclass
 class DataSection:
     """Where the examples come from and how they become token sequences.
 
     source: ``hamlet`` (embedded text), ``rotten_tomatoes`` (embedded labelled snippets),
-        ``text_file`` (``path`` to a UTF-8 file) or ``hf`` (``path`` = a ``datasets`` id; needs the hub).
+        ``file`` (``path`` to a local data file, read by its suffix: ``.jsonl``/``.json``/``.csv``/
+        ``.tsv`` rows with ``text_field`` (and ``label_field``, or the templates), anything else
+        plain UTF-8 text), ``text_file`` (plain text whatever the suffix) or ``hf`` (``path`` = a
+        ``datasets`` id or a local dataset folder; a path to a local file is read as ``file``).
+        Left out, it follows ``path``: a data-file suffix or an existing file means ``file``,
+        anything else ``hf``; so ``data: {path: my.jsonl}`` is enough. Relative paths are from the
+        current folder. Row files hold out ``eval_size`` shuffled rows unless ``eval_split`` names
+        a split (a JSON object of split lists, e.g. ``{"train": [...], "validation": [...]}``).
     block_size: tokens per training sequence for plain text (the text is cut into equal blocks).
     held_out_fraction: plain text: last fraction of the blocks kept out of training (perplexity).
     max_length: truncation length of labelled / instruction examples.
@@ -87,7 +109,7 @@ class DataSection:
     eval_size: number of examples taken from train for validation when the source has no eval split.
     """
 
-    source: Literal["hamlet", "rotten_tomatoes", "text_file", "hf"]
+    source: Literal["hamlet", "rotten_tomatoes", "file", "text_file", "hf"] | None = None
     path: str | None = None
     hf_config: str | None = None
     train_split: str = "train"
@@ -116,7 +138,9 @@ class DataSection:
         )
         if not 0.0 < self.held_out_fraction < 1.0:
             raise RecipeError(f"{where}.held_out_fraction: must be in (0, 1), got {self.held_out_fraction}.")
-        if self.source in ("text_file", "hf") and not self.path:
+        if self.source is None:  # follow the path: see the docstring
+            self.source = infer_data_source(self.path, where)
+        if self.source in ("file", "text_file", "hf") and not self.path:
             raise RecipeError(f"{where}.path: source {self.source!r} needs a path (a file or a datasets id).")
         if (self.prompt_template is None) != (self.response_template is None):
             raise RecipeError(f"{where}: set both prompt_template and response_template, or neither.")
@@ -129,6 +153,8 @@ class TrainSection:
     batch_size is per process; the global batch is ``batch_size * gradient_accumulation_steps * processes``.
     mixed_precision ``auto``: bf16 on GPUs that support it, fp16 on other GPUs, none on CPU.
     eval_every / save_every: 0 means only at the end.
+    report_to: Accelerate trackers that also get the train/eval records, e.g. ``[tensorboard]``
+        (``pip install tensorboard``; event files in ``<output_dir>/trackers/orthoft``) or ``wandb``.
     """
 
     output_dir: str | None = None
@@ -145,8 +171,12 @@ class TrainSection:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
+    report_to: list[str] = field(default_factory=list)
 
     def check(self, where: str) -> None:
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise RecipeError(f"{where}.report_to: unknown tracker {unknown[0]!r}; Accelerate's trackers: {TRACKERS}.")
         require_positive(
             where,
             max_steps=self.max_steps,
@@ -156,6 +186,7 @@ class TrainSection:
             keep_checkpoints=self.keep_checkpoints,
             max_grad_norm=self.max_grad_norm,
         )
+        require_finite(where, max_grad_norm=self.max_grad_norm)
         require_non_negative(
             where, warmup_steps=self.warmup_steps, eval_every=self.eval_every, save_every=self.save_every
         )
@@ -171,19 +202,23 @@ class OptimSection:
     """Optimizer from ``orthoft.optim.build_optimizer``.
 
     name: ``adamw`` or an orthogonalized optimizer (``muon``, ``normuon``, ``turbomuon``, ``root``,
-        ``auon``, ``hybridauon``). lr: learning rate of the adapter tensors. adamw_lr: of the
-        parameters that fall back to AdamW (vectors, classifier heads; default ``lr``).
+        ``auon``, ``hybridauon``). lr: learning rate of the adapter tensors, or ``auto``: the
+        method's measured default for this optimizer (``orthoft.recommended_lr``). adamw_lr: of the
+        parameters that fall back to AdamW (vectors, classifier heads; default ``lr``, or with
+        ``lr: auto`` the method's AdamW default).
     options: extra keyword arguments for the optimizer (``momentum``, ``ns_steps``, ``betas`` ...).
     """
 
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float | Literal["auto"] = 1e-3
     weight_decay: float = 0.0
     adamw_lr: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str) -> None:
-        require_positive(where, lr=self.lr, adamw_lr=self.adamw_lr)
+        lr = None if self.lr == "auto" else self.lr  # auto: resolved when the optimizer is built
+        require_finite(where, lr=lr, adamw_lr=self.adamw_lr, weight_decay=self.weight_decay)
+        require_positive(where, lr=lr, adamw_lr=self.adamw_lr)
         require_non_negative(where, weight_decay=self.weight_decay)
         valid = optimizer_names()
         key = self.name.lower().replace("-", "").replace("_", "")
@@ -195,8 +230,9 @@ class OptimSection:
 class EvalSection:
     """Evaluation during and after training.
 
-    metrics: names of modules in ``eval/metrics`` (default: perplexity for causal LMs, accuracy and
-        f1 for classification). eval_before: also evaluate the untrained adapter (step 0).
+    metrics: names of the metric modules shipped in ``orthoft/evaluation/metric_modules`` (default:
+        perplexity for causal LMs, accuracy and f1 for classification). eval_before: also evaluate
+        the untrained adapter (step 0).
     generate_prompt: causal LMs: print a greedy continuation of this prompt before and after.
     orthogonality: write per-layer orthogonality diagnostics of the trained adapter.
     """
@@ -277,16 +313,28 @@ SECTIONS: dict[str, type] = {
 REQUIRED_SECTIONS = ("model", "adapter", "data")
 
 
+def require_finite(where: str, **values: float | None) -> None:
+    """RecipeError unless every given value is None or a finite number (YAML reads .nan and .inf)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise RecipeError(f"{where}.{name}: must be a finite number, got {value}. Fix: set a finite value.")
+
+
 # ---- public entry points ----------------------------------------------------------------------
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises RecipeError with the file and key on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe file {path} does not exist. Recipes shipped with orthoft are in recipes/.")
+    if path.is_dir():
+        raise RecipeError(f"Recipe file {path} is a folder; pass a YAML file such as recipes/smollm2-qoft.yaml.")
+    path = find_recipe(path)  # the file as given, else the recipe of that name shipped with orthoft
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from err
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe: {err.strerror or err}. Fix its permissions.") from err
     return recipe_from_dict(raw, source=str(path), overrides=overrides)
 
 
