@@ -67,7 +67,7 @@ def bound_skew_norm(q: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """
     if max_norm is None:
         return q
-    norms = torch.linalg.matrix_norm(q.float(), ord="fro", keepdim=True)
+    norms = torch.linalg.matrix_norm(q.to(torch.promote_types(q.dtype, torch.float32)), ord="fro", keepdim=True)
     scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
     return q * scale.to(q.dtype)
 
