@@ -1,29 +1,37 @@
 """Which learning rate each orthoft method wants, per optimizer: MiniLM-L6 on Rotten Tomatoes.
 
-Every method (as in ``recipes/minilm-sentiment-*.yaml``: query/key/value/dense adapted, the new
-classifier head trained in full) x {AdamW, Muon, NorMuon, TurboMuon, ROOT, AuON} x a log-spaced lr
-grid, and LoRA r8 (PEFT) through the same grids as the reference (its A and B go to the
-orthogonalized optimizers as plain matrices). One short fine-tune per point: cosine schedule with
-10% warmup, grad-norm clip 1.0, the method's regularizer added to the loss, batches grouped by
-length (a seeded shuffle, then length-sorted inside windows of 32 batches, the windows' batches
-shuffled: HF Trainer's ``group_by_length``, about 1.8x less padding on CPU). Orthogonalized
-optimizers send what they cannot orthogonalize (vectors, the head) to AdamW at the method's best
-AdamW lr of this file (the table's value before there is one), which is also what ``optim.lr: auto``
-does. Test accuracy on the embedded test split (1,275 snippets; +-1.1 points standard error at 80%).
+Every method (adapters as in ``recipes/minilm-sentiment-*.yaml``: query/key/value/dense) x {AdamW,
+Muon, NorMuon, TurboMuon, ROOT, AuON} x a log-spaced lr grid, and LoRA r8 (PEFT) through the same
+grids as the reference (its A and B go to the orthogonalized optimizers as plain matrices). One
+short fine-tune per point (default 100 steps x 16, max length 48): cosine schedule with 10% warmup,
+grad-norm clip 1.0, the method's regularizer added to the loss, batches grouped by length (a seeded
+shuffle, then length-sorted inside windows of 32 batches, the windows' batches shuffled: HF
+Trainer's ``group_by_length``). Orthogonalized optimizers send what they cannot orthogonalize
+(vectors, the head) to AdamW at the method's best AdamW lr so far in the JSONL (the table's value
+before there is one), which is also what ``optim.lr: auto`` does. Test accuracy on the embedded
+test split (1,275 snippets).
+
+Two departures from the recipes, for a shared CPU (docs/quality.md): adapters only on the top
+``--adapt-layers`` (default 2) of the 6 layers, the frozen bottom layers' outputs computed once per
+process and reused by every run (``--adapt-layers 6`` adapts all); and a mean-pooled linear head
+(how all-MiniLM-L6-v2 was trained) instead of BERT's [CLS] pooler, with which short runs barely
+learn.
 
 Each finished run is appended to a JSONL file as one record, and a point already in the file is
 not run again: a cut-off keeps what finished and a rerun resumes. Phases (``--phases``), in order:
 
-- ``grid``: the lr grids of ``--optimizers`` for ``--methods``;
-- ``seeds``: ``--seeds`` seeds at each (method, optimizer)'s best grid lr;
-- ``auto``: every (method, optimizer) at ``orthoft.recommended_lr`` (usually a grid point, reused).
+- ``grid``: the lr grids of ``--methods`` x ``--optimizers`` (or of ``--jobs METHOD:OPT,OPT ...``);
+- ``seeds``: ``--seeds`` seeds at each pair's best grid lr;
+- ``auto``: every pair at ``orthoft.recommended_lr`` (usually a grid point, reused).
 
-``--table FILE`` writes the markdown table (best lr, accuracy averaged over seeds, diverged lrs,
-the ``lr: auto`` accuracy, params, seconds per run) from the JSONL without running anything new.
+``--sensitivity FILE`` also appends each method's one-step sensitivity at init (the muP-style
+check of docs/quality.md). The markdown table (best lr, accuracy per seed, diverged lrs, the rule's
+lr, the ``lr: auto`` accuracy, params, seconds per run) is printed at the end; with ``--phases``
+and nothing after it, only the table is made, from the JSONL.
 
-    python eval/bench_quality.py --quick                       # 2 methods x 2 optimizers x 3 lrs, ~5 minutes
+    python eval/bench_quality.py --quick            # OFT and LoRA x AdamW and Muon x 3 lrs: 12 runs of 60 steps
     python eval/bench_quality.py --out eval/results/quality.jsonl --budget-minutes 60
-    python eval/bench_quality.py --out eval/results/quality.jsonl --table docs/quality-table.md --phases
+    python eval/bench_quality.py --out eval/results/quality.jsonl --phases --table docs/quality-table.md
 """
 
 from __future__ import annotations
@@ -48,8 +56,14 @@ TARGETS = ["query", "key", "value", "dense"]
 HEAD = ["classifier"]
 ADAMW_GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 ORTHOGONALIZED_GRID = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
-GRIDS = {"adamw": ADAMW_GRID, "muon": ORTHOGONALIZED_GRID, "normuon": ORTHOGONALIZED_GRID,
-         "turbomuon": ORTHOGONALIZED_GRID, "root": ORTHOGONALIZED_GRID, "auon": ORTHOGONALIZED_GRID}
+GRIDS = {
+    "adamw": ADAMW_GRID,
+    "muon": ORTHOGONALIZED_GRID,
+    "normuon": ORTHOGONALIZED_GRID,
+    "turbomuon": ORTHOGONALIZED_GRID,
+    "root": ORTHOGONALIZED_GRID,
+    "auon": ORTHOGONALIZED_GRID,
+}
 OPTIMIZERS = list(GRIDS)
 # AuON as it was before the trust-region bound (the "before" of docs/quality.md); bench only
 EXTRA_OPTIMIZERS = {"auon_unbounded": ORTHOGONALIZED_GRID}
@@ -72,8 +86,10 @@ def adapter_config(method: str) -> Any:
         "psoft": lambda: orthoft.PSOFTConfig(target_modules=TARGETS, r=32, **common),
         "svft": lambda: orthoft.SVFTConfig(target_modules=TARGETS, pattern="banded", bandwidth=2, **common),
         "clover": lambda: orthoft.CLOVERConfig(
-            target_modules=["query", "key", "value"], projection_roles={"query": "q", "key": "k", "value": "v"},
-            **common),
+            target_modules=["query", "key", "value"],
+            projection_roles={"query": "q", "key": "k", "value": "v"},
+            **common,
+        ),
         "lora": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, **common),
     }
     return factories[method]()
@@ -206,8 +222,9 @@ def build_run_optimizer(model: torch.nn.Module, method: str, optimizer: str, lr:
     OPTIMIZERS_BY_NAME.setdefault("auonunbounded", UnboundedAuON)  # the bench's own, never the package's
     if optimizer == "adamw":
         return build_optimizer(model, "adamw", lr=lr, weight_decay=0.0)
-    return build_optimizer(model, optimizer, lr=lr, adamw_lr=adamw_lr, adamw_weight_decay=0.0,
-                           muon_for_plain_matrices=method == "lora")
+    return build_optimizer(
+        model, optimizer, lr=lr, adamw_lr=adamw_lr, adamw_weight_decay=0.0, muon_for_plain_matrices=method == "lora"
+    )
 
 
 def run_point(task: Task, point: dict[str, Any], steps: int, batch_size: int) -> dict[str, Any]:
@@ -238,11 +255,20 @@ def run_point(task: Task, point: dict[str, Any], steps: int, batch_size: int) ->
     finite = all(math.isfinite(v) for v in losses)
     accuracy = evaluate(model, task) if finite else 0.0
     tail = statistics.mean(losses[-20:]) if finite else float("nan")
-    return {**point, "steps": steps, "batch_size": batch_size, "accuracy": accuracy, "train_loss_tail": tail,
-            # diverged: a non-finite loss, or the last 20 steps no better than guessing (ln 2)
-            "diverged": not finite or tail >= CHANCE_LOSS, "params": params,
-            "seconds": round(time.perf_counter() - start, 1), "train_seconds": round(train_seconds, 1),
-            "test_size": task.test_size, "torch": torch.__version__}
+    return {
+        **point,
+        "steps": steps,
+        "batch_size": batch_size,
+        "accuracy": accuracy,
+        "train_loss_tail": tail,
+        # diverged: a non-finite loss, or the last 20 steps no better than guessing (ln 2)
+        "diverged": not finite or tail >= CHANCE_LOSS,
+        "params": params,
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(train_seconds, 1),
+        "test_size": task.test_size,
+        "torch": torch.__version__,
+    }
 
 
 @torch.no_grad()
@@ -267,15 +293,20 @@ def read_records(path: Path, steps: int | None = None, adapt_layers: int | None 
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in records if (steps is None or r["steps"] == steps)
-            and (adapt_layers is None or r.get("adapt_layers") == adapt_layers)]
+    return [
+        r
+        for r in records
+        if (steps is None or r["steps"] == steps) and (adapt_layers is None or r.get("adapt_layers") == adapt_layers)
+    ]
 
 
 def best_lr(records: list[dict[str, Any]], method: str, optimizer: str, variant: str = "") -> float | None:
     """The grid lr with the highest seed-0 accuracy (every grid point has seed 0; ties: the lower lr)."""
-    by_lr = {r["lr"]: r["accuracy"] for r in records
-             if r["method"] == method and r["optimizer"] == optimizer and r.get("variant", "") == variant
-             and r["seed"] == 0}
+    by_lr = {
+        r["lr"]: r["accuracy"]
+        for r in records
+        if r["method"] == method and r["optimizer"] == optimizer and r.get("variant", "") == variant and r["seed"] == 0
+    }
     return max(sorted(by_lr), key=lambda lr: by_lr[lr]) if by_lr else None
 
 
@@ -320,8 +351,7 @@ def plan(phase: str, args: argparse.Namespace, records: list[dict[str, Any]]) ->
         if optimizer != "adamw" and method == "svft":
             continue  # SVFT trains vectors only: every optimizer is its AdamW fallback
         grid = {**GRIDS, **EXTRA_OPTIMIZERS}[optimizer]
-        base = {"method": method, "optimizer": optimizer, "variant": args.variant,
-                "adapt_layers": args.adapt_layers}
+        base = {"method": method, "optimizer": optimizer, "variant": args.variant, "adapt_layers": args.adapt_layers}
         if phase == "grid":
             lrs, seeds = args.grid.get(optimizer, grid), [0]
         elif phase == "seeds":
@@ -353,9 +383,12 @@ def run_phases(args: argparse.Namespace, task: Task) -> None:
             with args.out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
             done.add(point_key(point))
-            print(f"[{phase}] {record['method']:>6} {record['optimizer']:>9} lr {record['lr']:<7g} seed "
-                  f"{record['seed']} acc {record['accuracy']:.3f} loss {record['train_loss_tail']:.3f}"
-                  f"{' DIVERGED' if record['diverged'] else ''} {record['seconds']:.0f}s", flush=True)
+            print(
+                f"[{phase}] {record['method']:>6} {record['optimizer']:>9} lr {record['lr']:<7g} seed "
+                f"{record['seed']} acc {record['accuracy']:.3f} loss {record['train_loss_tail']:.3f}"
+                f"{' DIVERGED' if record['diverged'] else ''} {record['seconds']:.0f}s",
+                flush=True,
+            )
 
 
 def step_sensitivity(task: Task, method: str, optimizer: str, lr: float = 1e-3, examples: int = 64) -> float:
@@ -396,8 +429,9 @@ def summarize(
     """Best grid lr, its accuracy (mean over seeds), the diverged lrs, and the ``lr: auto`` accuracy."""
     from orthoft.optim import recommended_lr
 
-    rows = [r for r in records if r["method"] == method and r["optimizer"] == optimizer
-            and r.get("variant", "") == variant]
+    rows = [
+        r for r in records if r["method"] == method and r["optimizer"] == optimizer and r.get("variant", "") == variant
+    ]
     if not rows:
         return None
     best = best_lr(rows, method, optimizer, variant)
@@ -406,12 +440,17 @@ def summarize(
     at_auto = [r for r in rows if auto is not None and math.isclose(r["lr"], auto)]
     grid = sorted({r["lr"] for r in rows if r["seed"] == 0})
     summary = {
-        "best_lr": best, "accuracy": statistics.mean(r["accuracy"] for r in at_best), "seeds": len(at_best),
+        "best_lr": best,
+        "accuracy": statistics.mean(r["accuracy"] for r in at_best),
+        "seeds": len(at_best),
         "seed_accuracies": [r["accuracy"] for r in sorted(at_best, key=lambda r: r["seed"])],
-        "diverged": sorted({r["lr"] for r in rows if collapsed(r, majority)}), "grid": grid,
-        "auto_lr": auto, "auto_accuracy": statistics.mean(r["accuracy"] for r in at_auto) if at_auto else None,
+        "diverged": sorted({r["lr"] for r in rows if collapsed(r, majority)}),
+        "grid": grid,
+        "auto_lr": auto,
+        "auto_accuracy": statistics.mean(r["accuracy"] for r in at_auto) if at_auto else None,
         "auto_seeds": [r["accuracy"] for r in sorted(at_auto, key=lambda r: r["seed"])],
-        "params": rows[0]["params"], "seconds": statistics.median(r["seconds"] for r in rows),
+        "params": rows[0]["params"],
+        "seconds": statistics.median(r["seconds"] for r in rows),
         "by_lr": {lr: statistics.mean(r["accuracy"] for r in rows if r["lr"] == lr and r["seed"] == 0) for lr in grid},
     }
     summary["rule_lr"] = default_lr(summary["by_lr"]) if len(grid) >= 3 else None
@@ -419,9 +458,11 @@ def summarize(
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| method | optimizer | params | best lr | test acc (seeds) | diverged lrs | rule lr | "
-             "`lr: auto` | auto acc (seeds) | acc per grid lr (seed 0) | s/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | optimizer | params | best lr | test acc (seeds) | diverged lrs | rule lr | "
+        "`lr: auto` | auto acc (seeds) | acc per grid lr (seed 0) | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     variants = sorted({r.get("variant", "") for r in records})
     majority = majority_accuracy(records[0]["test_size"]) if records else 0.5
     for method in METHODS:
@@ -432,15 +473,20 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
                     continue
                 name = optimizer + (f" ({variant})" if variant else "")
                 grid = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in s["by_lr"].items())
-                auto_acc = "" if s["auto_accuracy"] is None else (
-                    f"{s['auto_accuracy']:.3f} (" + " / ".join(f"{a:.3f}" for a in s["auto_seeds"]) + ")")
+                auto_acc = (
+                    ""
+                    if s["auto_accuracy"] is None
+                    else (f"{s['auto_accuracy']:.3f} (" + " / ".join(f"{a:.3f}" for a in s["auto_seeds"]) + ")")
+                )
                 auto_lr = "" if s["auto_lr"] is None else f"{s['auto_lr']:g}"
                 seeds = " / ".join(f"{a:.3f}" for a in s["seed_accuracies"])
                 diverged = ", ".join(f"{lr:g}" for lr in s["diverged"]) or "none"
                 rule = "" if s["rule_lr"] is None else f"{s['rule_lr']:g}"
-                lines.append(f"| {method} | {name} | {s['params']:,} | {s['best_lr']:g} | {s['accuracy']:.3f} "
-                             f"({seeds}) | {diverged} | {rule} | {auto_lr} | {auto_acc} | {grid} | "
-                             f"{s['seconds']:.0f} |")
+                lines.append(
+                    f"| {method} | {name} | {s['params']:,} | {s['best_lr']:g} | {s['accuracy']:.3f} "
+                    f"({seeds}) | {diverged} | {rule} | {auto_lr} | {auto_acc} | {grid} | "
+                    f"{s['seconds']:.0f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -459,8 +505,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("eval/results/quality.jsonl"))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=[*OPTIMIZERS, *EXTRA_OPTIMIZERS])
-    parser.add_argument("--jobs", nargs="*", default=None,
-                        help="run these METHOD:OPT,OPT pairs in this order instead of --methods x --optimizers")
+    parser.add_argument(
+        "--jobs",
+        nargs="*",
+        default=None,
+        help="run these METHOD:OPT,OPT pairs in this order instead of --methods x --optimizers",
+    )
     parser.add_argument("--phases", nargs="*", default=["grid", "seeds", "auto"], choices=["grid", "seeds", "auto"])
     parser.add_argument("--grid", nargs="*", default=[], help="override a grid: OPTIMIZER=LR,LR,...")
     parser.add_argument("--seeds", type=int, default=2, help="seeds at the best points and at lr: auto")
@@ -473,8 +523,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapt-layers", type=int, default=2, help="adapters on MiniLM's top N layers (6: all)")
     parser.add_argument("--table", type=Path, default=None, help="write the markdown table here")
-    parser.add_argument("--sensitivity", type=Path, default=None,
-                        help="append the one-step sensitivity at init of --methods x {adamw, muon} to this JSONL")
+    parser.add_argument(
+        "--sensitivity",
+        type=Path,
+        default=None,
+        help="append the one-step sensitivity at init of --methods x {adamw, muon} to this JSONL",
+    )
     parser.add_argument("--quick", action="store_true", help="OFT and LoRA, AdamW and Muon, 3 lrs, 60 steps")
     args = parser.parse_args()
     args.grid = parse_grid(args.grid)
@@ -504,8 +558,17 @@ def main() -> None:
             for method, optimizer in [(m, o) for m in args.methods for o in ("adamw", "muon")]:
                 value = step_sensitivity(task, method, optimizer)
                 print(f"sensitivity {method:>6} {optimizer:>9}: {value:.4g} per unit lr", flush=True)
-                handle.write(json.dumps({"method": method, "optimizer": optimizer, "sensitivity": value,
-                                         "adapt_layers": args.adapt_layers}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "method": method,
+                            "optimizer": optimizer,
+                            "sensitivity": value,
+                            "adapt_layers": args.adapt_layers,
+                        }
+                    )
+                    + "\n"
+                )
     table = markdown_table(read_records(args.out, args.steps, args.adapt_layers))
     print(table)
     if args.table is not None:

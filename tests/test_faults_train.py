@@ -109,6 +109,7 @@ def _recipe_cases(tmp: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
     corpus = tmp / "corpus"
     corpus.mkdir()
     (corpus / "text.txt").write_text("To be, or not to be, that is the question. " * 400)
+    (tmp / "binary.txt").write_bytes(bytes(range(256)) * 64)
     (tmp / "notes").mkdir()
     (tmp / "notes" / "mine.txt").write_text("the user's own file")
     good = str(tiny(tmp))
@@ -141,6 +142,16 @@ def _recipe_cases(tmp: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ),
         ("check: block size 24", [recipe("b24", adapter={"block_size": 24}), "--check"], ("block size 24", "64")),
         ("check: data missing", [recipe("d", data={"source": "text_file", "path": "nope.txt"}), "--check"], ("nope",)),
+        (
+            "data not UTF-8",
+            [recipe("d3", data={"source": "text_file", "path": str(tmp / "binary.txt")})],
+            ("data.path", "binary.txt", "UTF-8"),
+        ),
+        (
+            "check: data not UTF-8",
+            [recipe("d4", data={"source": "text_file", "path": str(tmp / "binary.txt")}), "--check"],
+            ("data.path", "binary.txt", "UTF-8"),
+        ),
         ("data missing", [recipe("d2", data={"source": "text_file", "path": str(tmp / "nope.txt")})], ("nope.txt",)),
         ("tokenizer missing", [recipe("tok", model={"tokenizer": str(tmp / "no-tok")})], ("model.tokenizer", "no-tok")),
         (
@@ -327,6 +338,15 @@ def test_output_paths_allow_resuming_from_the_saved_recipe(tmp_path, monkeypatch
         check_output_paths(load_recipe(other))
     merged = write_recipe(CAUSAL, tmp_path / "m.yaml", export={"enabled": True, "output_dir": str(run / "exports")})
     check_output_paths(load_recipe(merged))  # a new folder inside the run is fine
+    exported = tmp_path / "exports" / "m"
+    exported.mkdir(parents=True)
+    (exported / "config.json").write_text("{}")
+    again = load_recipe(
+        write_recipe(CAUSAL, tmp_path / "x.yaml", export={"enabled": True, "output_dir": str(exported)})
+    )
+    with pytest.raises(RecipeError, match="already holds an exported model. Fix: pass --overwrite"):
+        check_output_paths(again)
+    check_output_paths(again, replace=True)  # --overwrite or --resume: replaced when the run ends
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

@@ -234,3 +234,29 @@ def test_an_optimizer_built_before_wrapping_warns_at_its_first_empty_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()  # once only
+
+
+def test_sft_example_trains_and_writes_a_card_with_the_run(tmp_path):
+    """examples/sft_trl.py end to end on a tiny model folder (the default is the embedded SmolLM2)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("trl")
+    tokenizer = _minilm_tokenizer()
+    model_dir = tmp_path / "tiny"
+    _qgoft_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).get_base_model().save_pretrained(
+        model_dir
+    )
+    tokenizer.save_pretrained(model_dir)
+    path = Path(__file__).resolve().parent.parent / "examples" / "sft_trl.py"
+    spec = importlib.util.spec_from_file_location("sft_trl_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "run"
+    example.main(
+        ["--model", str(model_dir), "--max-steps", "2", "--max-length", "24", "--max-examples", "8",
+         "--lines-per-example", "2", "--adapter-option", "target_modules=[q_proj,v_proj]", "--out", str(out)]
+    )  # fmt: skip
+    card = (out / "adapter" / "README.md").read_text()
+    assert "ORTHOFT_QGOFT" in card and "import orthoft" in card
+    assert "### Data" in card and "hamlet (8 examples" in card and "`train_loss`" in card

@@ -34,6 +34,15 @@ LOADING_NOTE = (
     "Needs `pip install orthoft` and `import orthoft` before PEFT or transformers can load this adapter: "
     "the import registers its peft_type (ORTHOFT_*) with PEFT; without it loading fails with KeyError."
 )
+# the PEFT auto class that loads an adapter of each task_type (AutoPeftModel reads the base class from the config)
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoPeftModelForCausalLM",
+    "SEQ_CLS": "AutoPeftModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+    "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
+}
 # PeftConfig bookkeeping the card shows elsewhere or not at all
 _NOT_OPTIONS = {"base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode", "auto_mapping"}
 
@@ -55,6 +64,7 @@ def adapter_block(config: PeftConfig) -> str:
     label = type(config).__name__.removesuffix("Config")
     base = config.base_model_name_or_path or "(not recorded)"
     peft_type = str(config.peft_type)
+    auto_class = AUTO_CLASSES.get(getattr(config.task_type, "value", config.task_type), "AutoPeftModel")
     options = "\n".join(
         f"- `{key}`: `{json.dumps(value, default=str)}`" for key, value in config_options(config).items()
     )
@@ -74,13 +84,13 @@ def adapter_block(config: PeftConfig) -> str:
         "",
         "```python",
         f"import orthoft  # registers {peft_type} with PEFT: needed before any load below",
-        "from peft import AutoPeftModelForCausalLM",
+        f"from peft import {auto_class}",
         "",
-        'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")',
+        f'model = {auto_class}.from_pretrained("path/to/this/folder")',
         "# or PeftModel.from_pretrained(base_model, folder), or base_model.load_adapter(folder)",
         "```",
         "",
-        "A plain model that needs neither orthoft nor PEFT: `orthoft export <this folder> <out_dir>` "
+        "A plain model that needs neither orthoft nor PEFT: `orthoft export --adapter <this folder> --out <dir>` "
         "(or `orthoft.export_merged`), which merges at full precision and measures the merge.",
         "",
         "## Adapter",

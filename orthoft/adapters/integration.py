@@ -36,7 +36,7 @@ def _heads(model: nn.Module, peft_config: PeftConfig) -> set[int]:
     output = model.get_output_embeddings()
     if output is not None:
         return {id(output)}
-    if str(peft_config.task_type) == "SEQ_CLS":
+    if getattr(peft_config.task_type, "value", peft_config.task_type) == "SEQ_CLS":
         return {id(getattr(model, name)) for name in SEQ_CLS_HEAD_NAMES if getattr(model, name, None) is not None}
     return set()
 
@@ -96,7 +96,7 @@ def warn_requantizing_merge(quantized: list[str]) -> None:
         "Merging dequantizes each weight, applies the adapter and quantizes the result again, so the merged "
         "model carries a second rounding error on top of the adapter. For a merged model at full precision "
         "(or one requantization whose error is measured and reported) use "
-        "orthoft.export_merged(adapter_dir, out_dir) or `orthoft export` instead.",
+        "orthoft.export_merged(peft_model, out_dir) or `orthoft export` instead.",
         UserWarning,
         stacklevel=3,
     )

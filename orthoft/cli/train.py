@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         from ..training.preflight import check_recipe
 
-        checked = check_recipe(recipe)  # paths, data file, tokenizer, model and adapter on the meta device
+        # paths, data file, tokenizer, model and adapter on the meta device
+        checked = check_recipe(recipe, replace=args.overwrite or args.resume)
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         print("\n".join(checked))
         print(f"{args.recipe}: valid")

@@ -1,7 +1,8 @@
 """Default learning rates per adapter method and optimizer: what ``optim.lr: auto`` uses.
 
 Measured by ``eval/bench_quality.py`` (MiniLM-L6, Rotten Tomatoes; the table and its settings are
-in ``docs/quality.md``): the grid lr with the best test accuracy, per (method, optimizer). Entries
+in ``docs/quality.md``): per (method, optimizer), the grid lr with the best test accuracy, one grid
+step lower when the next higher lr lost more than 3 points (a cliff: LoRA with AdamW). Entries
 marked "derived" in ``LR_SOURCES`` were not grid-measured in that run; how each was derived is
 written next to it. For an orthogonalized optimizer the value is the lr of the tensors it
 orthogonalizes; what falls back to AdamW (vectors, the classifier head) gets the method's AdamW
@@ -9,7 +10,7 @@ value (``resolve_lr``).
 
 Transfer to other models: these are rates for SHORT fine-tunes (about a hundred steps) of a small
 encoder. The papers train 7B models for thousands of steps with AdamW at 4e-4 (OFTv2, BOFT, HRA,
-qGOFT, PSOFT), 1e-3 (SVFT) and 1e-4 (CLOVER; ``recipes/gpu``), 10-25x below the AdamW values
+qGOFT, PSOFT), 1e-3 (SVFT) and 1e-4 (CLOVER; ``recipes/gpu``), 7-30x below the AdamW values
 here. What transfers: the RATIOS between methods (an AdamW step moves each parametrization by a
 different amount, see docs/quality.md), and the Muon-family values across width (their steps have
 spectral norm 1 whatever the matrix size). What does not: the absolute AdamW value across
@@ -25,8 +26,15 @@ OPTIMIZER_KEYS = ("adamw", "muon", "normuon", "turbomuon", "root", "auon", "hybr
 
 def _row(adamw: float, muon: float, root: float, auon: float) -> dict[str, float]:
     # NorMuon and TurboMuon take Muon's steps (same spectral/Frobenius size); HybridAuON is AuON's.
-    return {"adamw": adamw, "muon": muon, "normuon": muon, "turbomuon": muon, "root": root, "auon": auon,
-            "hybridauon": auon}
+    return {
+        "adamw": adamw,
+        "muon": muon,
+        "normuon": muon,
+        "turbomuon": muon,
+        "root": root,
+        "auon": auon,
+        "hybridauon": auon,
+    }
 
 
 RECOMMENDED_LR: dict[str, dict[str, float]] = {

@@ -36,7 +36,15 @@ from .householder import (
     orthonormal_basis,
 )
 from .skew import block_size_from_packed, pack_skew, packed_size, unpack_skew, upper_entries
-from .sparsity import SparsityPattern, banded_count, banded_indices, sparsity_indices
+from .sparsity import (
+    SparsePlan,
+    SparsityPattern,
+    banded_count,
+    banded_indices,
+    sparse_mix,
+    sparse_plan,
+    sparsity_indices,
+)
 from .spectral import SVDMethod, canonical_signs, principal_factors
 
 __all__ = [
@@ -45,6 +53,7 @@ __all__ = [
     "GivensPlan",
     "HeadFactors",
     "SVDMethod",
+    "SparsePlan",
     "SparsityPattern",
     "angles_to_blocks",
     "apply_butterfly",
@@ -86,6 +95,8 @@ __all__ = [
     "quasi_orthogonality_penalty",
     "rotate_blocks",
     "rotation_from_packed",
+    "sparse_mix",
+    "sparse_plan",
     "sparsity_indices",
     "unpack_skew",
     "upper_entries",

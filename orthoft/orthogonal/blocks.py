@@ -65,7 +65,9 @@ class BlockChain(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, blocks)
         ctx.plan = (steps, final, inverses)
-        cur, _ = _chain_forward(_feature_major(x), steps, blocks, keep=False)
+        # in x's dtype even under autocast: backward runs outside the autocast region and must match
+        with torch.autocast(x.device.type, enabled=False):
+            cur, _ = _chain_forward(_feature_major(x), steps, blocks, keep=False)
         if final is not None:
             cur = cur.index_select(0, final)
         return cur.T.reshape(x.shape)

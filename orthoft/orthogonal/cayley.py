@@ -83,6 +83,11 @@ class _PackedCayleyNeumann(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, packed: torch.Tensor, degree: int, max_norm: float | None) -> torch.Tensor:
+        with torch.autocast(packed.device.type, enabled=False):  # float32 whatever the surrounding autocast
+            return _PackedCayleyNeumann._build(ctx, packed, degree, max_norm)
+
+    @staticmethod
+    def _build(ctx: Any, packed: torch.Tensor, degree: int, max_norm: float | None) -> torch.Tensor:
         scale = None
         if max_norm is not None:
             # |Q|_F = sqrt(2) |p|: the bound needs no unpacked matrix

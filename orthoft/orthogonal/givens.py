@@ -243,7 +243,9 @@ class _GivensProduct(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, slots)
         ctx.setup = (layout, layer_pairs, padded, reverse)
-        y, _ = _givens_layers(x, slots, ctx.setup, keep_inputs=False)
+        # in x's dtype even under autocast: backward runs outside the autocast region and must match
+        with torch.autocast(x.device.type, enabled=False):
+            y, _ = _givens_layers(x, slots, ctx.setup, keep_inputs=False)
         return y[: x.shape[-1]].T.reshape(x.shape)
 
     @staticmethod

@@ -143,7 +143,7 @@ class TrainingRun:
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> list[Path]:
         """Check the paths, then claim the folder; with ``resume``, the intact checkpoints (newest first)."""
-        check_output_paths(self.recipe)
+        check_output_paths(self.recipe, replace=resume or overwrite)
         self.folder.claim(resume, overwrite)
         candidates = resumable_checkpoints(self.output_dir, logger.warning) if resume else []
         if resume:
@@ -173,7 +173,10 @@ class TrainingRun:
             )
         self.trainable_params, self.total_params = count_parameters(model)
         with self.timed("load_data"):
-            self.data = build_task_data(recipe.data, self.tokenizer, recipe.model.task, recipe.train.seed)
+            try:
+                self.data = build_task_data(recipe.data, self.tokenizer, recipe.model.task, recipe.train.seed)
+            except UnicodeDecodeError as err:  # a binary or non-UTF-8 data file
+                raise RecipeError(f"data.path: {recipe.data.path} is not UTF-8 text ({err}); convert it.") from err
         optimizer = build_recipe_optimizer(model, recipe.optim)
         self.scheduler = get_scheduler(
             recipe.train.lr_scheduler,

@@ -10,6 +10,7 @@ messages (which name the layer and the nearest valid sizes) instead of minutes i
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from ..adapters import OrthoLayer
@@ -29,10 +30,17 @@ def check_data_path(recipe: Recipe) -> str | None:
     path, source = recipe.data.path, recipe.data.source
     if not path or source == "hf":
         return None  # a datasets id is resolved (and downloaded) only when the run starts
-    if not Path(path).expanduser().is_file():
-        what = "a folder, not a file" if Path(path).expanduser().is_dir() else "missing"
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "a folder, not a file" if file.is_dir() else "missing"
         raise RecipeError(f"data.path: {path} is {what}. Fix: point data.path at the data file.")
-    return f"data.path {path}: found ({Path(path).stat().st_size:,} bytes)"
+    with file.open("rb") as handle:
+        head = handle.read(1 << 20)
+    try:  # the first MiB; an incremental decoder accepts a character cut at the end of it
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"data.path: {path} is not UTF-8 text ({err}); convert it.") from err
+    return f"data.path {path}: found, UTF-8 ({file.stat().st_size:,} bytes)"
 
 
 def check_model(recipe: Recipe) -> str:
@@ -62,9 +70,12 @@ def check_model(recipe: Recipe) -> str:
     )
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Every check above, in order of cost; lines saying what was checked. RecipeError on the first problem."""
-    check_output_paths(recipe)
+def check_recipe(recipe: Recipe, replace: bool = False) -> list[str]:
+    """Every check above, in order of cost; lines saying what was checked. RecipeError on the first problem.
+
+    ``replace``: the run would be given ``--overwrite`` or ``--resume`` (an existing export may be replaced).
+    """
+    check_output_paths(recipe, replace)
     lines = [f"train.output_dir {recipe.output_dir()}: a folder of its own (no input in it, not the working directory)"]
     if recipe.export.enabled:
         lines.append(f"export: to {recipe.export.output_dir or recipe.output_dir() / 'merged'}")

@@ -68,8 +68,11 @@ def input_paths(recipe: Recipe) -> list[tuple[str, Path]]:
     return found
 
 
-def check_output_paths(recipe: Recipe) -> None:
-    """RecipeError when ``train.output_dir`` or ``export.output_dir`` could replace a user's files."""
+def check_output_paths(recipe: Recipe, replace: bool = False) -> None:
+    """RecipeError when ``train.output_dir`` or ``export.output_dir`` could replace a user's files.
+
+    ``replace`` (``--overwrite`` or ``--resume``): an existing export folder may be replaced at the end.
+    """
     cwd = Path.cwd().resolve()
     run_dir = _resolved(recipe.output_dir())
     inputs = input_paths(recipe)
@@ -86,10 +89,12 @@ def check_output_paths(recipe: Recipe) -> None:
             )
     export = recipe.export
     if export.enabled and export.output_dir:
-        check_export_dir(recipe, _resolved(export.output_dir), run_dir, cwd, inputs)
+        check_export_dir(recipe, _resolved(export.output_dir), run_dir, cwd, inputs, replace)
 
 
-def check_export_dir(recipe: Recipe, export_dir: Path, run_dir: Path, cwd: Path, inputs: list) -> None:
+def check_export_dir(
+    recipe: Recipe, export_dir: Path, run_dir: Path, cwd: Path, inputs: list, replace: bool = False
+) -> None:
     """RecipeError when the export (which replaces ``export_dir`` as a whole) would delete a user's files."""
     where = f"{recipe.source_path}: export.output_dir {recipe.export.output_dir}"
     fix = "Fix: set export.output_dir to a new folder of its own (or leave it unset for <train.output_dir>/merged)."
@@ -110,6 +115,11 @@ def check_export_dir(recipe: Recipe, export_dir: Path, run_dir: Path, cwd: Path,
     if export_dir.is_dir() and any(export_dir.iterdir()) and not (export_dir / "config.json").is_file():
         raise RecipeError(
             f"{where} exists and is not a model export (no config.json); the export would replace its files. {fix}"
+        )
+    if export_dir.is_dir() and any(export_dir.iterdir()) and not replace:
+        raise RecipeError(
+            f"{where} already holds an exported model. Fix: pass --overwrite to replace it when this run ends, or "
+            "set export.output_dir to a new folder."
         )
 
 

@@ -314,6 +314,26 @@ def _(ctx: Ctx):
     return judge(result, ("export.output_dir",), lost=lost)
 
 
+@case("export.output_dir: another run's export, no --overwrite")
+def _(ctx: Ctx):
+    earlier = ctx.root / "exports" / "m"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text('{"model_type": "llama"}')
+    (earlier / "model.safetensors").write_bytes(b"an earlier run's merged weights")
+    before = digest_tree(earlier)
+    result = ctx.run("train", str(ctx.recipe(export={"enabled": True, "output_dir": str(earlier)})))
+    return judge(result, ("export.output_dir", "--overwrite"), lost=digest_tree(earlier) != before)
+
+
+@case("export.output_dir: a user's folder, with --overwrite")
+def _(ctx: Ctx):
+    sentinel = _with_sentinel(ctx.root / "mine")
+    result = ctx.run(
+        "train", str(ctx.recipe(export={"enabled": True, "output_dir": str(sentinel.parent)})), "--overwrite"
+    )
+    return judge(result, ("export.output_dir",), lost=not sentinel.is_file())
+
+
 @case("train.output_dir: . with --overwrite, recipe.yaml in cwd")
 def _(ctx: Ctx):
     recipe = ctx.recipe("recipe.yaml", train={"output_dir": "."})
@@ -436,6 +456,22 @@ def _(ctx: Ctx):
 @case("--resume, latest trainer_state.json garbage")
 def _(ctx: Ctx):
     return _resume_after(ctx, lambda p: (p.parent / "trainer_state.json").write_text("{oops"), ("trainer_state.json",))
+
+
+@case("--resume after a power cut tore the last metrics.jsonl line")
+def _(ctx: Ctx):
+    ctx.trained(train={"output_dir": str(ctx.root / "ref")})
+    recipe = ctx.trained()
+    with (ctx.root / "run" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"event": "train", "st')
+    (ctx.root / "run" / "final").rename(ctx.root / "final.bak")
+    result = ctx.run("train", str(recipe), "--resume")
+    if result.returncode != 0:
+        return judge(result, ("metrics.jsonl",))
+    same = digest_tree(ctx.root / "run" / "final" / "trainable.safetensors") == digest_tree(
+        ctx.root / "ref" / "final" / "trainable.safetensors"
+    )
+    return ("ok" if same else "silent"), f"resumed, final weights bitwise {'equal' if same else 'DIFFERENT'}"
 
 
 @case("failed --resume keeps recipe.yaml")
