@@ -231,7 +231,6 @@ def run_point(task: Task, point: dict[str, Any], steps: int, batch_size: int) ->
     """One fine-tune; returns the JSONL record (accuracy, diverged, params, seconds)."""
     from transformers import get_scheduler
 
-    from orthoft import regularization_loss
 
     start = time.perf_counter()
     model = build_model(task, point["method"], point["seed"])
@@ -242,7 +241,7 @@ def run_point(task: Task, point: dict[str, Any], steps: int, batch_size: int) ->
     losses: list[float] = []
     model.train()
     for batch in task.batches(steps, batch_size, point["seed"]):
-        loss = model(**batch).loss + regularization_loss(model)
+        loss = model(**batch).loss  # the model's loss includes the qGOFT/HRA penalty
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

@@ -124,7 +124,7 @@ def train_steps(model: torch.nn.Module, input_ids: torch.Tensor, run: Run, steps
     losses, grads_ok = [], True
     for _ in range(steps):
         with run.autocast():
-            loss = model(input_ids=input_ids, labels=input_ids).loss + orthoft.regularization_loss(model)
+            loss = model(input_ids=input_ids, labels=input_ids).loss  # includes the qGOFT/HRA penalty
         optimizer.zero_grad()
         loss.backward()
         grads = [p.grad for p in params]

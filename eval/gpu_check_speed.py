@@ -77,9 +77,7 @@ def memory_allocated(run: Run) -> int:
 def train_step(candidate: Candidate, input_ids: torch.Tensor, run: Run) -> None:
     model, optimizer = candidate.model, candidate.optimizer
     with run.autocast():
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        if candidate.name.startswith("orthoft"):
-            loss = loss + orthoft.regularization_loss(model)
+        loss = model(input_ids=input_ids, labels=input_ids).loss  # includes the qGOFT/HRA penalty
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -103,7 +103,6 @@ def train_steps(model: nn.Module, input_ids: torch.Tensor, steps: int = 3, lr: f
     losses = []
     for _ in range(steps):
         loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss = loss + (orthoft.regularization_loss(model) if hasattr(orthoft, "regularization_loss") else 0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -101,7 +101,13 @@ def test_classification_run_writes_everything_and_evaluates(tmp_path, capsys):
         assert (run_dir / name).is_file(), name
     checkpoint = run_dir / "checkpoints" / "step-000004"
     assert {p.name for p in checkpoint.iterdir()} >= {
-        "adapter", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "trainer_state.json",
+        "adapter",
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_rank0.pt",
+        "trainer_state.json",
+        "MANIFEST.json",
         "COMPLETE",
     }
     # the classifier head is trained in full and saved with the adapter

@@ -36,7 +36,7 @@ class OrthoConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = field(default=None)
     layers_pattern: list[str] | str | None = field(default=None)
     modules_to_save: list[str] | None = field(default=None)
-    requires: str = field(default=LOADING_NOTE)
+    requires: str = field(default=LOADING_NOTE, repr=False)
 
     method: ClassVar[str] = ""  # the method's name, e.g. "oft"; its PEFT type is peft_type_for(method)
     # bias "<prefix>_only" is accepted; the prefix is the method name unless a method sets a shorter one

@@ -161,7 +161,7 @@ class OrthogonalAdaptationLayer(OrthoLayer):
     def adapter_delta_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         basis, weight_b = self.orthoft_oa_A[adapter_name], self.orthoft_oa_B[adapter_name]
         scale = self.adapter_configs[adapter_name].scale
-        return (x.to(basis.dtype) @ basis.T @ weight_b.T) * scale
+        return (x.to(basis.dtype) @ basis.T @ weight_b.T.to(basis.dtype)) * scale
 
     def adapter_delta_weight(self, adapter_name: str) -> torch.Tensor:
         scale = self.adapter_configs[adapter_name].scale

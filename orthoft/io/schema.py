@@ -23,7 +23,7 @@ from ..adapters.registry import peft_type_for, registered_methods
 METHOD_ALIASES = {"qoft": "oft", "oftv2": "oft"}
 # PeftConfig fields orthoft sets itself; a recipe may not set them
 RESERVED_ADAPTER_FIELDS = frozenset(
-    {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+    {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "requires"}
 )
 
 

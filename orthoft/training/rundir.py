@@ -138,7 +138,11 @@ def explain_os_error(err: OSError, output_dir: Path) -> OSError | None:
     """The error as a :class:`DiskError` naming the path and the fix, for a full/read-only/forbidden disk; else None."""
     if err.errno not in DISK_ERRORS or isinstance(err, DiskError):
         return None
-    return DiskError(err, f"cannot write {err.filename or output_dir}: {DISK_ERRORS[err.errno]}.")
+    path = Path(err.filename) if err.filename else output_dir
+    staged = re.match(r"^\.(.+)\.partial-\d+-", path.name)  # a staged write: name the file it was for
+    if staged:
+        path = path.with_name(staged.group(1))
+    return DiskError(err, f"cannot write {path}: {DISK_ERRORS[err.errno]}.")
 
 
 class RunFolder:
