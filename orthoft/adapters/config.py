@@ -62,11 +62,15 @@ class OrthoConfig(PeftConfig):
         super().save_pretrained(save_directory, **kwargs)
         write_adapter_card(save_directory, self)
 
-    def check_positive(self, **values: int | float | None) -> None:
-        """Raise a ValueError naming the config and the option for each ``name=value`` that is <= 0 (None passes)."""
+    def check_positive(self, fix: str = "", **values: int | float | None) -> None:
+        """Raise a ValueError naming the config and the option for each ``name=value`` that is <= 0 (None passes).
+
+        ``fix`` is appended as ``Fix: ...``; ``{name}`` in it becomes the option's name.
+        """
         for name, value in values.items():
             if value is not None and value <= 0:
-                raise ValueError(f"{type(self).__name__}: {name} must be > 0, got {value}.")
+                hint = f" Fix: {fix.format(name=name)}" if fix else ""
+                raise ValueError(f"{type(self).__name__}: {name} must be > 0, got {value}.{hint}")
 
 
 @dataclass

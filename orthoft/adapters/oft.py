@@ -38,13 +38,12 @@ class OFTConfig(CayleyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         # 0 is refused, not read as "unset": a recipe saying block_size: 0 must not train with 32
-        for name in ("block_size", "num_blocks"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(
-                    f"OFTConfig: {name} must be > 0, got {value}. Fix: set {name} to a size that "
-                    f"divides the adapted layers' widths, or remove it for the default (block_size 32)."
-                )
+        self.check_positive(
+            fix="set {name} to a size that divides the adapted layers' widths, or remove it for the default "
+            "(block_size 32).",
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+        )
         if self.block_size is not None and self.num_blocks is not None:
             raise ValueError("OFTConfig: set block_size or num_blocks, not both.")
         if self.block_size is None and self.num_blocks is None:
