@@ -12,7 +12,7 @@ butterfly factor) becomes a gather of whole contiguous rows.
 ``D``) is one custom autograd function that saves only its input and the small blocks: no copy of
 the activations is kept for backward, so an adapted layer holds no activation of its own (its input
 is shared with whatever else reads it, e.g. q/k/v); backward recomputes the ``m - 1`` intermediate
-products (for OFT ``m = 1``: none).
+products (for OFT ``m = 1``: none), never the last one.
 """
 
 from __future__ import annotations
@@ -29,20 +29,26 @@ def _feature_major(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).T
 
 
-def _chain_forward(
-    xt: torch.Tensor, steps: tuple[Gather, ...], blocks: torch.Tensor, keep: bool
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(d, N)`` through every gather + block step: the last product, and (``keep``) each step's input blocks."""
+def _chain_forward(xt: torch.Tensor, steps: tuple[Gather, ...], blocks: torch.Tensor) -> torch.Tensor:
+    """``(d, N)`` through every gather + block step: the last product."""
     m, n, b, _ = blocks.shape
     cur = xt
-    inputs = []
     for j in range(m):
         gathered = cur if steps[j] is None else cur.index_select(0, steps[j])
-        step_in = gathered.reshape(n, b, -1)
-        if keep:
-            inputs.append(step_in)
-        cur = torch.bmm(blocks[j].mT, step_in).view(n * b, -1)
-    return cur, inputs
+        cur = torch.bmm(blocks[j].mT, gathered.reshape(n, b, -1)).view(n * b, -1)
+    return cur
+
+
+def _step_inputs(xt: torch.Tensor, steps: tuple[Gather, ...], blocks: torch.Tensor) -> list[torch.Tensor]:
+    """Each step's input blocks ``(n, b, N)``: ``m - 1`` products (the last step's output is never needed)."""
+    m, n, b, _ = blocks.shape
+    cur, inputs = xt, []
+    for j in range(m):
+        gathered = cur if steps[j] is None else cur.index_select(0, steps[j])
+        inputs.append(gathered.reshape(n, b, -1))
+        if j < m - 1:
+            cur = torch.bmm(blocks[j].mT, inputs[-1]).view(n * b, -1)
+    return inputs
 
 
 class BlockChain(torch.autograd.Function):
@@ -67,7 +73,7 @@ class BlockChain(torch.autograd.Function):
         ctx.plan = (steps, final, inverses)
         # in x's dtype even under autocast: backward runs outside the autocast region and must match
         with torch.autocast(x.device.type, enabled=False):
-            cur, _ = _chain_forward(_feature_major(x), steps, blocks, keep=False)
+            cur = _chain_forward(_feature_major(x), steps, blocks)
         if final is not None:
             cur = cur.index_select(0, final)
         return cur.T.reshape(x.shape)
@@ -78,7 +84,7 @@ class BlockChain(torch.autograd.Function):
         steps, final, inverses = ctx.plan
         m, n, b, _ = blocks.shape
         want_blocks = ctx.needs_input_grad[1]
-        _, inputs = _chain_forward(_feature_major(x), steps, blocks, keep=want_blocks)
+        inputs = _step_inputs(_feature_major(x), steps, blocks) if want_blocks else []
         g = _feature_major(grad)
         if final is not None:
             g = g.index_select(0, inverses[m])

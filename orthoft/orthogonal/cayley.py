@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .skew import unpack_skew, upper_entries
+from .skew import skew_entries, unpack_skew
 
 DEFAULT_NEUMANN_DEGREE = 4
 DEFAULT_MAX_SKEW_NORM = 0.9
@@ -72,13 +72,32 @@ def bound_skew_norm(q: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     return q * scale.to(q.dtype)
 
 
+def _even_odd_coefficients(degree: int) -> tuple[list[float], list[float]]:
+    """``I + 2Q + ... + 2Q^degree + Q^(degree+1)`` as ``E(P) + Q O(P)``, ``P = Q^2``: E's and O's coefficients."""
+    coefficients = [1.0] + [2.0] * degree + [1.0] if degree >= 1 else [1.0, 1.0]
+    return coefficients[0::2], coefficients[1::2]
+
+
+def _combine(coefficients: list[float], powers: list[torch.Tensor], eye: torch.Tensor) -> torch.Tensor:
+    """``sum_j c_j P^j`` from ``powers = [P, P^2, ...]`` (no products)."""
+    total = eye * coefficients[0]
+    for c, power in zip(coefficients[1:], powers, strict=False):
+        total = torch.add(total, power, alpha=c)
+    return total
+
+
 class _PackedCayleyNeumann(torch.autograd.Function):
     """Packed skew entries to the bounded Cayley-Neumann rotation, as one autograd node.
 
-    The same map as ``cayley_neumann(bound_skew_norm(unpack_skew(p)))`` with the series in Horner
-    form ``R = I + Q(2I + Q(2I + ... (2I + Q)))`` (``degree`` products) and its gradient written out
-    (``2 degree`` products). Built once per adapted layer and step, the unfused map is ~20 small
-    autograd nodes whose bookkeeping costs more than their arithmetic.
+    The same map as ``cayley_neumann(bound_skew_norm(unpack_skew(p)))``, evaluated in the square
+    ``P = Q^2``: ``R = E(P) + Q O(P)`` with the even and odd coefficients of the series. ``P`` is
+    symmetric and every direction ``dP = dQ Q + Q dQ`` of a skew ``dQ`` is symmetric too, so the
+    gradient only needs the symmetric part of each upstream matrix, and a symmetric ``V`` gives
+    ``V Q^T + Q^T V = -(VQ - (VQ)^T)``: one product instead of two. Degree 4 (the default) costs 3
+    batched products forward and 5 backward where Horner in ``Q`` costs 4 and 8; on the small
+    blocks of a rotation the products are the build's whole cost. Built once per adapted layer and
+    step, the unfused map would be ~20 small autograd nodes whose bookkeeping costs more than their
+    arithmetic.
     """
 
     @staticmethod
@@ -94,30 +113,46 @@ class _PackedCayleyNeumann(torch.autograd.Function):
             norms = packed.norm(dim=-1, keepdim=True) * math.sqrt(2.0)
             scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
         q = unpack_skew(packed if scale is None else packed * scale)
-        eye = _eye_like(q)
-        horner = []
-        if degree >= 1:
-            horner.append(2.0 * eye + q)
-            for _ in range(degree - 1):
-                horner.append(2.0 * eye + q @ horner[-1])
-        rotation = eye + (q @ horner[-1] if horner else q)
-        ctx.save_for_backward(packed, q, scale if scale is not None else packed.new_ones(()), *horner)
+        shape = q.shape
+        q = q.reshape(-1, shape[-2], shape[-1])
+        eye = torch.eye(shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+        even, odd = _even_odd_coefficients(degree)
+        powers = [torch.bmm(q, q)] if len(even) > 1 or len(odd) > 1 else []
+        while len(powers) < max(len(even), len(odd)) - 1:
+            powers.append(torch.bmm(powers[-1], powers[0]))
+        odd_part = _combine(odd, powers, eye)
+        rotation = torch.baddbmm(_combine(even, powers, eye), q, odd_part)
+        ctx.save_for_backward(packed, q, scale if scale is not None else packed.new_ones(()), odd_part, *powers)
         ctx.bounded = scale is not None
-        return rotation
+        ctx.coefficients = (even, odd)
+        return rotation.view(shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        packed, q, scale, *horner = ctx.saved_tensors
-        if not horner:
-            grad_q = grad
-        else:
-            grad_q = grad @ horner[-1].mT
-            grad_h = -(q @ grad)  # Q^T = -Q
-            for lower in reversed(horner[:-1]):
-                grad_q = grad_q + grad_h @ lower.mT
-                grad_h = -(q @ grad_h)
-            grad_q = grad_q + grad_h
-        grad_packed = upper_entries(grad_q) - upper_entries(grad_q.mT)
+        packed, q, scale, odd_part, *powers = ctx.saved_tensors
+        even, odd = ctx.coefficients
+        shape = grad.shape
+        grad = grad.reshape(q.shape)
+        # the skew part of grad_Q is all the packed entries see; K - K^T is built from K at the end
+        skew_source = torch.bmm(grad, odd_part)  # G O^T, O symmetric
+        if powers:
+            grad_odd = torch.bmm(q.mT, grad)
+            coefficient = lambda cs, j: cs[j] if j < len(cs) else 0.0  # noqa: E731
+            upstream = [
+                torch.add(grad * coefficient(even, j), grad_odd, alpha=coefficient(odd, j))
+                for j in range(1, len(powers) + 1)
+            ]
+            # sum_j sum_{a+b=j-1} P^a U_j P^b: Horner from the left, then from the right
+            left = [upstream[-1]]
+            for u in reversed(upstream[:-1]):
+                left.insert(0, torch.baddbmm(u, powers[0], left[0]))
+            grad_p = left[-1]
+            for a in reversed(left[:-1]):
+                grad_p = torch.baddbmm(a, grad_p, powers[0])
+            # through P = Q Q with S = grad_P + grad_P^T (twice its symmetric part): the skew part of
+            # -(sym(grad_P) Q + Q sym(grad_P)) is that of -S Q
+            skew_source = torch.baddbmm(skew_source, grad_p + grad_p.mT, q, alpha=-1.0)
+        grad_packed = skew_entries(skew_source.view(shape))
         if ctx.bounded:
             # p_b = s p with s = min(1, c / |Q|): where s < 1 the map is the projection s (I - p p^T / |p|^2)
             squared = packed.square().sum(-1, keepdim=True).clamp_min(torch.finfo(packed.dtype).tiny)

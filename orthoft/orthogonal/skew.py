@@ -27,21 +27,30 @@ def block_size_from_packed(length: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _upper_indices(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # cached tensors must not be inference tensors, or later training at this size could not save them
+def _flat_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index vectors on ``device``: packed slot -> its flat ``b*b`` position above the diagonal, the same
+    below it, and flat position -> signed source slot.
+
+    The last one reads a source ``[0, p_1..p_K, -p_1..-p_K]``: ``Q = source[index]`` is the whole
+    unpacking in one gather (one op and one autograd node instead of zeros, a scatter, a transpose and a
+    subtraction; the build runs once per adapted layer and step, so op count is its cost).
+    """
     with torch.inference_mode(False):
         rows, cols = torch.triu_indices(block_size, block_size, 1)
-    return rows, cols
+        upper = rows * block_size + cols
+        k = rows.numel()
+        source = torch.zeros(block_size * block_size, dtype=torch.long)
+        source[upper] = torch.arange(1, k + 1)
+        source[cols * block_size + rows] = torch.arange(k + 1, 2 * k + 1)
+        return upper.to(device), (cols * block_size + rows).to(device), source.to(device)
 
 
 def unpack_skew(packed: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     """``(..., b(b-1)/2) -> (..., b, b)`` skew-symmetric ``Q`` with ``Q[i, j] = packed`` for ``i < j``."""
     b = block_size if block_size is not None else block_size_from_packed(packed.shape[-1])
-    rows, cols = _upper_indices(b)
-    rows, cols = rows.to(packed.device), cols.to(packed.device)
-    upper = packed.new_zeros(*packed.shape[:-1], b, b)
-    upper[..., rows, cols] = packed
-    return upper - upper.transpose(-1, -2)
+    _, _, source = _flat_indices(b, packed.device)
+    signed = torch.cat([packed.new_zeros(*packed.shape[:-1], 1), packed, -packed], dim=-1)
+    return signed.index_select(-1, source).view(*packed.shape[:-1], b, b)
 
 
 def upper_entries(matrix: torch.Tensor) -> torch.Tensor:
@@ -51,9 +60,19 @@ def upper_entries(matrix: torch.Tensor) -> torch.Tensor:
     lower triangle, so values round-trip bit for bit through :func:`unpack_skew`.
     """
     b = matrix.shape[-1]
-    rows, cols = _upper_indices(b)
-    rows, cols = rows.to(matrix.device), cols.to(matrix.device)
-    return matrix[..., rows, cols]
+    upper, _, _ = _flat_indices(b, matrix.device)
+    return matrix.reshape(*matrix.shape[:-2], b * b).index_select(-1, upper)
+
+
+def skew_entries(matrix: torch.Tensor) -> torch.Tensor:
+    """``upper_entries(M - M^T)`` without forming ``M - M^T``: two gathers of the packed size.
+
+    The gradient of a function of packed skew entries, from the gradient ``M`` with respect to ``Q``.
+    """
+    b = matrix.shape[-1]
+    upper, lower, _ = _flat_indices(b, matrix.device)
+    flat = matrix.reshape(*matrix.shape[:-2], b * b)
+    return flat.index_select(-1, upper) - flat.index_select(-1, lower)
 
 
 def pack_skew(matrix: torch.Tensor) -> torch.Tensor:
