@@ -365,8 +365,11 @@ class OrthoLayer(nn.Module, BaseTunerLayer):
         if scales:
             scale = torch.stack(scales).prod(0).to(result.dtype)
             bias = self.get_base_layer().bias
-            # the output scale multiplies W only: the bias stays as trained
-            result = result * scale if bias is None else (result - bias) * scale + bias
+            # the output scale multiplies W only: (result - bias) s + bias, as one pass over the activations
+            if bias is None:
+                result = result * scale
+            else:
+                result = torch.addcmul(bias.to(result.dtype) * (1 - scale), result, scale)
         return result
 
     def _forward_weight_side(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:

@@ -338,10 +338,26 @@ class AuON(OrthogonalizedOptimizer):
     ``M / |M|_2``: normalized momentum, scaled to Muon's spectral step.
     """
 
-    def __init__(self, params: Iterable[Any], gamma: float = 1.5, power_iterations: int = 3, **kwargs: Any):
+    def __init__(self, params: Iterable[Any], gamma: float = 1.5, power_iterations: int = 3,
+                 norm_scaling: str = "tensor", rms_beta: float = 0.99, **kwargs: Any):
         if power_iterations < 1:
             raise ValueError(f"power_iterations must be >= 1, got {power_iterations}")
-        super().__init__(params, gamma=gamma, power_iterations=power_iterations, **kwargs)
+        super().__init__(params, gamma=gamma, power_iterations=power_iterations, norm_scaling=norm_scaling,
+                         rms_beta=rms_beta, **kwargs)
+
+    def magnitude(self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        norms = matrices.float().norm(dim=(-2, -1), keepdim=True)
+        mode = group["norm_scaling"]
+        if mode == "none":
+            return torch.ones_like(norms)
+        current = norms.square() if mode == "block" else norms.square().mean()
+        if "momentum_sq" not in state:
+            state["momentum_sq"] = torch.zeros_like(current)
+            state["rms_step"] = 0
+        state["rms_step"] += 1
+        state["momentum_sq"].lerp_(current, 1 - group["rms_beta"])
+        rms = (state["momentum_sq"] / (1 - group["rms_beta"] ** state["rms_step"])).sqrt()
+        return (norms / (rms + group["eps"])).clamp_max(1.0)
 
     def trust_region(self, direction: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         """``direction / max(1, |direction|_2)``, the spectral norm estimated by warm-started power iteration."""
@@ -354,7 +370,8 @@ class AuON(OrthogonalizedOptimizer):
     def direction(
         self, matrices: torch.Tensor, state: dict[str, Any], group: dict[str, Any], view: str
     ) -> torch.Tensor:
-        return self.trust_region(cosh_brake(matrices.float(), group["gamma"], group["eps"]), state, group)
+        scale = self.magnitude(matrices, state, group)
+        return scale * self.trust_region(cosh_brake(matrices.float(), group["gamma"], group["eps"]), state, group)
 
 
 class HybridAuON(AuON):
