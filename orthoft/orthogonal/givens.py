@@ -52,6 +52,9 @@ class GivensPlan:
     ``layer_pairs[r-1]`` is the number of pair slots of layer ``r`` after padding to ``padded``
     coordinates (``padded / 2^r`` for the tree, ``padded / 2`` for the butterfly); ``valid`` lists,
     in the concatenation of all slots, those whose right index is ``< features`` (None when all are).
+    ``layer_active[r-1]``: the leading slots of layer ``r`` the product must visit (the tree's valid
+    pairs are a prefix of each layer, so the padding's identity pairs are skipped: for ``d = 576``,
+    575 pair products instead of 1023; the butterfly visits every slot).
     """
 
     features: int
@@ -61,6 +64,7 @@ class GivensPlan:
     layer_pairs: tuple[int, ...]
     valid: torch.Tensor | None
     num_pairs: int
+    layer_active: tuple[int, ...]
 
 
 def max_givens_layers(features: int) -> int:
@@ -88,7 +92,11 @@ def givens_plan(features: int, layout: Layout = "tree", num_layers: int | None =
     layer_pairs = tuple(len(left) for left in lefts)
     inside = torch.cat(rights) < features
     valid = None if bool(inside.all()) else torch.nonzero(inside).flatten()
-    return GivensPlan(features, padded, num_layers, layout, layer_pairs, valid, int(inside.sum()))
+    if layout == "tree":
+        layer_active = tuple(int((right < features).sum()) for right in rights)
+    else:
+        layer_active = layer_pairs
+    return GivensPlan(features, padded, num_layers, layout, layer_pairs, valid, int(inside.sum()), layer_active)
 
 
 def _all_pairs(padded: int, layout: str, num_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -182,25 +190,28 @@ def apply_givens(
         blocks = blocks.mT
     slots = torch.cat(_full_layer_blocks(blocks, plan)).to(x.dtype)
     reverse = transpose != inverse
-    return _GivensProduct.apply(x, slots, plan.layout, plan.layer_pairs, plan.padded, reverse)
+    return _GivensProduct.apply(x, slots, plan.layout, plan.layer_pairs, plan.layer_active, plan.padded, reverse)
 
 
-def _pairs(y: torch.Tensor, layout: str, r: int) -> torch.Tensor:
+def _pairs(y: torch.Tensor, layout: str, r: int, active: int | None = None) -> torch.Tensor:
     """View of layer ``r``'s pairs in a feature-major ``(padded, M)`` buffer, left then right coordinate on dim 1.
 
     Tree: ``(P, 2, M)`` for pairs ``(k 2^r, k 2^r + 2^(r-1))``; butterfly: ``(padded / 2^r, 2, 2^(r-1), M)``
     for ``(i, i + 2^(r-1))``, ``i mod 2^r < 2^(r-1)``. Every coordinate is a contiguous row of ``M``
-    values, and the pairs come in parameter order (by left index).
+    values, and the pairs come in parameter order (by left index). ``active``: the tree's first pairs only.
     """
     half = 2 ** (r - 1)
     grouped = y.unflatten(0, (-1, 2, half))
-    return grouped[:, :, 0, :] if layout == "tree" else grouped
+    return grouped[:active, :, 0, :] if layout == "tree" else grouped
 
 
 def _mix_(pairs: torch.Tensor, blocks: torch.Tensor) -> None:
-    """``[l; r] <- B [l; r]`` for every pair, in place (``blocks`` ``(P, 2, 2)`` in parameter order)."""
+    """``[l; r] <- B [l; r]`` for every pair, in place (``blocks`` ``(P, 2, 2)`` in parameter order).
+
+    A tree's ``pairs`` may be its active prefix: only the first ``len(pairs)`` blocks are used.
+    """
     if pairs.dim() == 3:  # tree: one batched (2, 2) x (2, M) product
-        pairs.copy_(torch.bmm(blocks, pairs))
+        pairs.copy_(torch.bmm(blocks[: pairs.shape[0]], pairs))
         return
     left, right = pairs[:, 0], pairs[:, 1]
     b00, b01, b10, b11 = (blocks[:, i, j].reshape(*left.shape[:-1], 1) for i in (0, 1) for j in (0, 1))
@@ -238,11 +249,12 @@ class _GivensProduct(torch.autograd.Function):
         slots: torch.Tensor,
         layout: str,
         layer_pairs: tuple[int, ...],
+        layer_active: tuple[int, ...],
         padded: int,
         reverse: bool,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, slots)
-        ctx.setup = (layout, layer_pairs, padded, reverse)
+        ctx.setup = (layout, layer_pairs, layer_active, padded, reverse)
         # in x's dtype even under autocast: backward runs outside the autocast region and must match
         with torch.autocast(x.device.type, enabled=False):
             y, _ = _givens_layers(x, slots, ctx.setup, keep_inputs=False)
@@ -251,27 +263,32 @@ class _GivensProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, slots = ctx.saved_tensors
-        layout, layer_pairs, padded, reverse = ctx.setup
-        _, inputs = _givens_layers(x, slots, ctx.setup, keep_inputs=True)
+        layout, layer_pairs, layer_active, padded, reverse = ctx.setup
+        _, inputs = _givens_layers(x, slots, ctx.setup, keep_inputs=ctx.needs_input_grad[1])
         g = _padded_feature_major(grad, padded)
         per_layer = slots.split(layer_pairs)
         grad_layers: list[torch.Tensor] = [slots.new_zeros(0)] * len(layer_pairs)
         for r in reversed(_layer_order(layer_pairs, reverse)):
-            g_pairs = _pairs(g, layout, r)
+            g_pairs = _pairs(g, layout, r, layer_active[r - 1])
             if ctx.needs_input_grad[1]:
-                grad_layers[r - 1] = _block_grad(g_pairs, inputs.pop())
+                block_grad = _block_grad(g_pairs, inputs.pop())
+                skipped = layer_pairs[r - 1] - block_grad.shape[0]  # identity slots of the padding: no gradient
+                grad_layers[r - 1] = (
+                    torch.cat([block_grad, block_grad.new_zeros(skipped, 2, 2)]) if skipped else block_grad
+                )
             _mix_(g_pairs, per_layer[r - 1].mT)
         grad_slots = torch.cat(grad_layers) if ctx.needs_input_grad[1] else None
         # row-major like x: a transposed gradient would make every consumer upstream stride across rows
         grad_x = g[: x.shape[-1]].T.contiguous().reshape(x.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_slots, None, None, None, None
+        return grad_x, grad_slots, None, None, None, None, None
 
 
 def _padded_feature_major(x: torch.Tensor, padded: int) -> torch.Tensor:
     """``(..., d) -> (padded, M)`` contiguous, zero rows below ``d``: the buffer the layers work on in place."""
     rows = x.reshape(-1, x.shape[-1])
-    y = rows.new_zeros(padded, rows.shape[0]) if padded != rows.shape[1] else rows.new_empty(padded, rows.shape[0])
+    y = rows.new_empty(padded, rows.shape[0])
     y[: rows.shape[1]] = rows.T
+    y[rows.shape[1] :].zero_()
     return y
 
 
@@ -279,12 +296,12 @@ def _givens_layers(
     x: torch.Tensor, slots: torch.Tensor, setup: tuple, keep_inputs: bool
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The product on a padded feature-major copy of ``x``, and (``keep_inputs``) every layer's input pairs."""
-    layout, layer_pairs, padded, reverse = setup
+    layout, layer_pairs, layer_active, padded, reverse = setup
     y = _padded_feature_major(x, padded)
     per_layer = slots.split(layer_pairs)
     inputs = []
     for r in _layer_order(layer_pairs, reverse):
-        pairs = _pairs(y, layout, r)
+        pairs = _pairs(y, layout, r, layer_active[r - 1])
         if keep_inputs:
             inputs.append(pairs.clone())
         _mix_(pairs, per_layer[r - 1])
