@@ -89,6 +89,40 @@ def test_quasi_blocks_all_four_variants_match_dense(layout, d):
     assert torch.allclose(apply_givens(x, blocks, plan, transpose=True, inverse=True), x @ inv, atol=1e-10)
 
 
+def autograd_dense(blocks, plan):
+    """``R = G_L ... G_1`` from plain differentiable ops (no custom backward), the gradient reference."""
+    d, offset = plan.features, 0
+    dense = torch.eye(d, dtype=blocks.dtype)
+    for left, right in givens_pairs(plan):
+        layer = blocks[offset : offset + len(left)]
+        offset += len(left)
+        rows = torch.cat([left, left, right, right])
+        cols = torch.cat([left, right, left, right])
+        values = torch.cat([layer[:, 0, 0], layer[:, 0, 1], layer[:, 1, 0], layer[:, 1, 1]])
+        level = torch.eye(d, dtype=blocks.dtype).index_put((rows, cols), values)
+        dense = level @ dense
+    return dense
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("d", [5, 20, 33, 72])
+@pytest.mark.parametrize("transpose,inverse", [(False, False), (True, False), (False, True)])
+def test_product_gradients_match_plain_autograd(layout, d, transpose, inverse):
+    # the custom backward replays the layers and skips the tree's padding pairs: both must not change a gradient
+    plan = givens_plan(d, layout)
+    blocks = identity_blocks(plan.num_pairs, F64) + 0.3 * torch.randn(plan.num_pairs, 2, 2, dtype=F64)
+    blocks.requires_grad_(True)
+    x = torch.randn(6, d, dtype=F64, requires_grad=True)
+    upstream = torch.randn(6, d, dtype=F64)
+    grads = torch.autograd.grad((apply_givens(x, blocks, plan, transpose, inverse) * upstream).sum(), (x, blocks))
+    dense = autograd_dense(blocks, plan)
+    dense = torch.linalg.inv(dense) if inverse else dense
+    reference = x @ (dense if transpose else dense.T)
+    expected = torch.autograd.grad((reference * upstream).sum(), (x, blocks))
+    assert torch.allclose(grads[0], expected[0], atol=1e-9)
+    assert torch.allclose(grads[1], expected[1], atol=1e-9)
+
+
 @pytest.mark.parametrize("d", [3, 6, 72])
 def test_non_power_of_two_leaves_out_of_range_pairs_as_identity(d):
     plan = givens_plan(d, "butterfly")
