@@ -120,8 +120,9 @@ class PSOFTLayer(OrthoLayer):
         factor_a = self.orthoft_psoft_A[adapter_name].to(dtype)
         factor_b = self.orthoft_psoft_B[adapter_name].to(dtype)
         projected = x.to(dtype) @ factor_a.T  # (..., r) coordinates in the principal subspace
-        rotated = projected @ self.core(adapter_name).T.to(dtype)
-        return (rotated - projected) @ factor_b.T
+        # (core - I) on the r x r side: one product instead of a product and a subtraction per token
+        shift = self.core(adapter_name) - torch.eye(factor_a.shape[0], device=factor_a.device)
+        return (projected @ shift.T.to(dtype)) @ factor_b.T
 
     def adapter_delta_weight(self, adapter_name: str) -> torch.Tensor:
         core = self.core(adapter_name)
