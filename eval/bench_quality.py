@@ -68,6 +68,8 @@ OPTIMIZERS = list(GRIDS)
 # AuON as it was before the trust-region bound (the "before" of docs/quality.md); bench only
 EXTRA_OPTIMIZERS = {"auon_unbounded": ORTHOGONALIZED_GRID}
 METHODS = ["oft", "boft", "qgoft", "hra", "psoft", "svft", "clover", "lora"]
+# bench-only variants, with the method whose recommended lr they use: SVFT on truncated bases (the fast setting)
+VARIANT_METHODS = {"svft_r128": "svft"}
 CHANCE_LOSS = math.log(2)
 
 
@@ -85,6 +87,9 @@ def adapter_config(method: str) -> Any:
         "hra": lambda: orthoft.HRAConfig(target_modules=TARGETS, r=8, reg_lambda=1e-4, **common),
         "psoft": lambda: orthoft.PSOFTConfig(target_modules=TARGETS, r=32, **common),
         "svft": lambda: orthoft.SVFTConfig(target_modules=TARGETS, pattern="banded", bandwidth=2, **common),
+        "svft_r128": lambda: orthoft.SVFTConfig(
+            target_modules=TARGETS, pattern="banded", bandwidth=2, rank=128, svd="lowrank", **common
+        ),
         "clover": lambda: orthoft.CLOVERConfig(
             target_modules=["query", "key", "value"],
             projection_roles={"query": "q", "key": "k", "value": "v"},
@@ -339,7 +344,7 @@ def adamw_lr_for(records: list[dict[str, Any]], method: str) -> float:
     from orthoft.optim import recommended_lr
 
     measured = best_lr([r for r in records if r["seed"] == 0], method, "adamw")
-    return measured if measured is not None else recommended_lr(method, "adamw")
+    return measured if measured is not None else recommended_lr(VARIANT_METHODS.get(method, method), "adamw")
 
 
 def plan(phase: str, args: argparse.Namespace, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -359,7 +364,7 @@ def plan(phase: str, args: argparse.Namespace, records: list[dict[str, Any]]) ->
         elif optimizer in EXTRA_OPTIMIZERS:
             continue  # no recommended lr: not a package optimizer
         else:  # auto
-            lrs, seeds = [recommended_lr(method, optimizer)], list(range(args.seeds))
+            lrs, seeds = [recommended_lr(VARIANT_METHODS.get(method, method), optimizer)], list(range(args.seeds))
         points += [{**base, "lr": lr, "seed": seed} for lr in lrs for seed in seeds]
     return points
 
@@ -435,7 +440,8 @@ def summarize(
         return None
     best = best_lr(rows, method, optimizer, variant)
     at_best = [r for r in rows if r["lr"] == best]
-    auto = recommended_lr(method, optimizer) if not variant and optimizer in GRIDS else None
+    table_method = VARIANT_METHODS.get(method, method)
+    auto = recommended_lr(table_method, optimizer) if not variant and optimizer in GRIDS else None
     at_auto = [r for r in rows if auto is not None and math.isclose(r["lr"], auto)]
     grid = sorted({r["lr"] for r in rows if r["seed"] == 0})
     summary = {
@@ -464,7 +470,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     ]
     variants = sorted({r.get("variant", "") for r in records})
     majority = majority_accuracy(records[0]["test_size"]) if records else 0.5
-    for method in METHODS:
+    for method in [*METHODS, *VARIANT_METHODS]:
         for optimizer in [*OPTIMIZERS, *EXTRA_OPTIMIZERS]:
             for variant in variants:
                 s = summarize(records, method, optimizer, variant, majority)
@@ -502,7 +508,7 @@ def parse_grid(items: list[str]) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("eval/results/quality.jsonl"))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, *VARIANT_METHODS])
     parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=[*OPTIMIZERS, *EXTRA_OPTIMIZERS])
     parser.add_argument(
         "--jobs",
