@@ -108,6 +108,43 @@ class BlockChain(torch.autograd.Function):
         return grad_x, grad_blocks, None, None, None
 
 
+def _rows_by_block(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``(..., n b) -> (n, N, b)``: each block's slice of every row, a strided view (no copy)."""
+    return x.reshape(-1, x.shape[-1] // b, b).transpose(0, 1)
+
+
+def _product_into_rows(rows: torch.Tensor, blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``rows_i @ blocks_i`` for every block, written straight into a row-major tensor shaped like ``like``."""
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    torch.bmm(rows, blocks, out=_rows_by_block(out, blocks.shape[-1]))
+    return out
+
+
+class BlockRotation(torch.autograd.Function):
+    """``x @ blockdiag(R_1..R_n)`` row-major in and out: the one-step, gather-free case of :class:`BlockChain`.
+
+    Each block's slice of the rows is a strided view and the batched product writes its result
+    through a strided view of a row-major output, so neither the activations nor their gradient are
+    ever copied or transposed: the following layer and the layers before it get the row-major
+    tensors they were written for. Saves only ``x`` and the blocks.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, blocks)
+        with torch.autocast(x.device.type, enabled=False):
+            return _product_into_rows(_rows_by_block(x, blocks.shape[-1]), _row_major(blocks), x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, blocks = ctx.saved_tensors
+        b = blocks.shape[-1]
+        grad_rows = _rows_by_block(grad, b)
+        grad_blocks = torch.bmm(_rows_by_block(x, b).mT, grad_rows) if ctx.needs_input_grad[1] else None
+        grad_x = _product_into_rows(grad_rows, _row_major(blocks.mT), x) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_blocks
+
+
 def block_chain(
     x: torch.Tensor, blocks: torch.Tensor, steps: tuple[Gather, ...], final: Gather, inverses: tuple[Gather, ...]
 ) -> torch.Tensor:
@@ -129,7 +166,7 @@ def rotate_blocks(x: torch.Tensor, rotations: torch.Tensor, transpose: bool = Fa
     rot = rotations.mT if transpose else rotations
     if n == 1:  # one shared block: a single (N d/b, b) x (b, b) product, row-major
         return (x.reshape(-1, b) @ rot[0].to(x.dtype)).reshape(x.shape)
-    return block_chain(x, rot.unsqueeze(0), (None,), None, (None, None))
+    return BlockRotation.apply(x, rot.to(x.dtype))
 
 
 def block_diagonal(rotations: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
