@@ -375,12 +375,14 @@ def run_phases(args: argparse.Namespace, task: Task) -> None:
         records = read_records(args.out, args.steps, args.adapt_layers)
         done = {point_key(r) for r in records}
         for point in plan(phase, args, records):
+            # re-read: another process working on the same file may have run this point meanwhile
+            records = read_records(args.out, args.steps, args.adapt_layers)
+            done |= {point_key(r) for r in records}
             if point_key(point) in done:
                 continue
             if time.monotonic() > deadline:
                 print(f"budget of {args.budget_minutes} min spent: stopping before {point}")
                 return
-            records = read_records(args.out, args.steps, args.adapt_layers)
             # the fallback (vectors, head) of an orthogonalized optimizer: the method's best AdamW lr so far
             point["adamw_lr"] = point["lr"] if point["optimizer"] == "adamw" else adamw_lr_for(records, point["method"])
             record = run_point(task, point, args.steps, args.batch_size)
