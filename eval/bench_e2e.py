@@ -103,7 +103,7 @@ def build(name: str, batch: int, seq: int):
     options = {"target_modules": "all-linear", "task_type": "CAUSAL_LM", **options}
     if options["target_modules"] is None:
         del options["target_modules"]
-    config = getattr(peft if family == "peft" else orthoft, config_name)(**options)
+    config = getattr(peft if family == "peft" else orthoft.adapters, config_name)(**options)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

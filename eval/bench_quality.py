@@ -328,16 +328,23 @@ def collapsed(record: dict[str, Any], majority: float) -> bool:
     return bool(record["diverged"]) or record["accuracy"] <= majority + 0.01
 
 
-def default_lr(by_lr: dict[float, float], cliff: float = 0.03) -> float:
-    """The rule behind ``orthoft.recommended_lr``: the best grid lr, one step lower when the next higher
-    lr diverged or lost more than ``cliff`` (an optimum at a cliff's edge does not survive another
-    model or step count)."""
+def default_lr(by_lr: dict[float, float], cliff: float = 0.03, tie: float = 0.01) -> float:
+    """The rule behind ``orthoft.recommended_lr``: the low end of the best lr's plateau.
+
+    From the best grid lr, step down while the next lower lr is within ``tie`` of the best (one
+    point: below this benchmark's standard error of about 1.2, so those lrs are ties); the low end
+    of a plateau is the choice that survives deeper or longer runs, whose upper lr edge moves down
+    (docs/quality.md). With no plateau below it, the best lr, or one step lower when the next higher
+    lr diverged or lost more than ``cliff`` (an optimum at a cliff's edge).
+    """
     grid = sorted(by_lr)
     best = max(grid, key=lambda lr: by_lr[lr])
-    i = grid.index(best)
-    if 0 < i < len(grid) - 1 and by_lr[grid[i + 1]] < by_lr[best] - cliff:
-        return grid[i - 1]
-    return best
+    i = j = grid.index(best)
+    while j > 0 and by_lr[grid[j - 1]] >= by_lr[best] - tie:
+        j -= 1
+    if j == i and 0 < i < len(grid) - 1 and by_lr[grid[i + 1]] < by_lr[best] - cliff:
+        j = i - 1
+    return grid[j]
 
 
 def adamw_lr_for(records: list[dict[str, Any]], method: str) -> float:
@@ -497,6 +504,18 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured_defaults(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The rule lr of every measured (method, optimizer): what ``orthoft.optim.learning_rates`` should hold."""
+    majority = majority_accuracy(records[0]["test_size"]) if records else 0.5
+    table: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        for optimizer in OPTIMIZERS:
+            s = summarize(records, method, optimizer, "", majority)
+            if s is not None and s["rule_lr"] is not None and len(s["grid"]) >= 5:
+                table.setdefault(method, {})[optimizer] = s["rule_lr"]
+    return table
+
+
 def parse_grid(items: list[str]) -> dict[str, list[float]]:
     grid = {}
     for item in items:
@@ -536,6 +555,7 @@ def main() -> None:
         default=None,
         help="append the one-step sensitivity at init of --methods x {adamw, muon} to this JSONL",
     )
+    parser.add_argument("--defaults", action="store_true", help="also print each measured pair's rule lr")
     parser.add_argument("--quick", action="store_true", help="OFT and LoRA, AdamW and Muon, 3 lrs, 60 steps")
     args = parser.parse_args()
     args.grid = parse_grid(args.grid)
@@ -576,8 +596,13 @@ def main() -> None:
                     )
                     + "\n"
                 )
-    table = markdown_table(read_records(args.out, args.steps, args.adapt_layers))
+    records = read_records(args.out, args.steps, args.adapt_layers)
+    table = markdown_table(records)
     print(table)
+    if args.defaults:
+        print("measured rule lrs (orthoft/optim/learning_rates.py):")
+        for method, row in measured_defaults(records).items():
+            print(f"  {method}: " + ", ".join(f"{opt}={lr:g}" for opt, lr in row.items()))
     if args.table is not None:
         args.table.write_text(table, encoding="utf-8")
 
