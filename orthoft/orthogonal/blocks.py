@@ -1,18 +1,20 @@
 """Block-diagonal rotations applied to the last dimension of activations or weights.
 
-The products run feature-major: ``x`` (rows ``x_t``, ``d`` features) is read as ``x^T``
-(``d x N``, a strided view, no copy) and each block rotates ``b`` contiguous feature rows,
-``y^T_blk = R^T x^T_blk``, one batched product of ``(b, b) x (b, N)`` matrices whose result is
-``y^T`` itself; the caller gets ``y`` as its transposed view, which a following ``Linear`` (or
-bitsandbytes layer) reads as it is. On CPU that is 2-4x faster than rotating ``(N, b)`` slices of
-row-major ``x`` (many thin products and a copy back), and a permutation of the features (a BOFT
-butterfly factor) becomes a gather of whole contiguous rows.
+One block step (OFT, and BOFT's dense chunks) is :class:`BlockRotation`: row-major in and out.
+Each block's slice of the rows, ``x[:, i b:(i+1) b]``, is a strided ``(n, N, b)`` view and one batched
+``(N, b) x (b, b)`` product per block writes its result through a strided view of a row-major output,
+so neither the activations nor their gradient are copied or transposed, and the following layer (a
+``Linear`` or a bitsandbytes layer) and the layers before it get the row-major tensors they expect.
 
-:class:`BlockChain` (``x -> x P_1 D_1 ... P_m D_m Q`` for gathers ``P``/``Q`` and block-diagonal
-``D``) is one custom autograd function that saves only its input and the small blocks: no copy of
-the activations is kept for backward, so an adapted layer holds no activation of its own (its input
-is shared with whatever else reads it, e.g. q/k/v); backward recomputes the ``m - 1`` intermediate
-products (for OFT ``m = 1``: none), never the last one.
+Several steps with feature permutations in between (BOFT's factored butterfly, used past 4 factors)
+run feature-major in :class:`BlockChain`: ``x`` is read as ``x^T`` (``d x N``, a strided view) and
+each block rotates ``b`` contiguous feature rows, ``y^T_blk = R^T x^T_blk``, so a permutation of the
+features is a gather of whole contiguous rows; the caller gets ``y`` as a transposed view.
+
+Both are custom autograd functions that save only their input and the small blocks: no copy of the
+activations is kept for backward, so an adapted layer holds no activation of its own (its input is
+shared with whatever else reads it, e.g. q/k/v). :class:`BlockChain`'s backward recomputes the
+``m - 1`` intermediate products, never the last one.
 """
 
 from __future__ import annotations

@@ -10,11 +10,15 @@ With ``P_i`` the permutation matrix of ``perm`` (``(P v)[k] = v[perm[k]]``) and
 input map is ``x -> x M``: per factor a block rotation between two layout changes, never a
 dense ``d x d`` matrix.
 
-The product runs feature-major (see :mod:`orthoft.orthogonal.blocks`): a permutation is a gather
-of whole contiguous feature rows, and the gather back of one factor composes with the gather into
-the next, so ``m`` factors cost ``m`` batched products and at most ``m + 1`` gathers. It is one
-autograd function that saves only its input and the blocks and recomputes the ``m - 1``
-intermediate products in backward, so memory stays that of the input, like LoRA's.
+Every factor's permutation stays inside chunks of ``c = b 2^(m-1)`` features, so ``M`` is
+block-diagonal with dense ``c x c`` chunks. Up to 4 factors (``c <= 2 m b``) the activations meet
+those chunks in one :class:`~orthoft.orthogonal.blocks.BlockRotation` (row-major, no gathers, nothing
+recomputed in backward); the chunks themselves are read off the factored product run on ``c``
+identity rows, which costs ``c / N`` of running it on the activations. With more factors the
+factored product runs feature-major in :class:`~orthoft.orthogonal.blocks.BlockChain`: a
+permutation is a gather of whole contiguous feature rows, the gather back of one factor composes
+with the gather into the next (``m`` batched products, at most ``m + 1`` gathers), and backward
+recomputes the ``m - 1`` intermediate products, so memory stays that of the input, like LoRA's.
 """
 
 from __future__ import annotations
