@@ -75,7 +75,10 @@ def test_config_docstrings_state_the_table() -> None:
     for method, config_cls in registered_methods().items():
         if method == "orthogonal_adaptation":
             continue  # a diffusion concept adapter; LoRA's rates
-        assert f"AdamW {RECOMMENDED_LR[method]['adamw']:g}" in config_cls.__doc__, method
+        doc = " ".join(config_cls.__doc__.split())  # the paragraph wraps
+        assert f"AdamW {RECOMMENDED_LR[method]['adamw']:g}" in doc, method
         if method != "svft":  # vectors only: AdamW for every optimizer
-            assert f"TurboMuon {RECOMMENDED_LR[method]['muon']:g}" in config_cls.__doc__, method
-            assert f"AuON {RECOMMENDED_LR[method]['auon']:g}" in config_cls.__doc__, method
+            for key, label in [("muon", "Muon"), ("normuon", "NorMuon"), ("turbomuon", "TurboMuon")]:
+                assert f" {label} {RECOMMENDED_LR[method][key]:g}," in doc, (method, key)
+            assert f"ROOT {RECOMMENDED_LR[method]['root']:g}" in doc, method
+            assert f"AuON {RECOMMENDED_LR[method]['auon']:g}" in doc, method

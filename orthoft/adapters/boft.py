@@ -16,9 +16,9 @@ from .config import CayleyConfig
 class BOFTConfig(CayleyConfig):
     """BOFT: effective weight ``diag(s) W M^T`` with ``M = B_m ... B_1``, each ``B_i`` a permuted block rotation.
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
-    TurboMuon 0.01, ROOT 0.03, AuON 0.03 (derived, not grid-measured; ``docs/quality.md``).
-    Short fine-tunes of small models; see there for larger ones.
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon 0.003, NorMuon 0.003,
+    TurboMuon 0.003, ROOT 0.01, AuON 0.003 (all grid-measured on MiniLM-L6 / Rotten Tomatoes;
+    ``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
 
     Args:
         block_size: block size ``b`` (even, default 8 when ``num_blocks`` is not given).

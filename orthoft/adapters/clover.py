@@ -84,8 +84,8 @@ TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
 class CLOVERConfig(OrthoConfig):
     """CLOVER: a trainable ``d_head x d_head`` core per attention head between orthonormal bases.
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
-    TurboMuon 0.1, ROOT 0.1, AuON 0.3 (derived, not grid-measured; ``docs/quality.md``).
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon 0.03, NorMuon 0.03,
+    TurboMuon 0.1, ROOT 0.1, AuON 0.03 (all grid-measured on MiniLM-L6 / Rotten Tomatoes; ``docs/quality.md``).
     Short fine-tunes of small models; see there for larger ones.
 
     Which factorization each projection gets (decided per attention block from what is targeted):

@@ -23,9 +23,9 @@ from .config import OrthoConfig
 class HRAConfig(OrthoConfig):
     """HRA: effective weight ``W H``, ``H = H_1 ... H_r``, ``H_i = I - 2 u_i u_i^T / |u_i|^2``.
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon/NorMuon/
-    TurboMuon 0.03, ROOT 0.03, AuON 0.1 (measured: AdamW; the rest derived; ``docs/quality.md``).
-    Short fine-tunes of small models; see there for larger ones.
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon 0.01, NorMuon 0.03,
+    TurboMuon 0.01, ROOT 0.03, AuON 0.01 (all grid-measured on MiniLM-L6 / Rotten Tomatoes;
+    ``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
 
     ``u_i`` is column ``i`` of the trained ``U`` (``in_features x r``), exactly PEFT's ``hra_u``
     with the same order, so PEFT weights load as they are (without ``apply_GS``).

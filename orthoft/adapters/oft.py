@@ -16,9 +16,9 @@ from .config import CayleyConfig
 class OFTConfig(CayleyConfig):
     """OFTv2: effective weight ``W R^T``, ``R = blockdiag(Cayley(Q_1), ..., Cayley(Q_{d/b}))``.
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
-    TurboMuon 0.01, ROOT 0.01, AuON 0.03 (measured: AdamW, Muon, AuON; the rest derived; ``docs/quality.md``).
-    Short fine-tunes of small models; see there for larger ones.
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon 0.01, NorMuon 0.01,
+    TurboMuon 0.01, ROOT 0.01, AuON 0.01 (all grid-measured on MiniLM-L6 / Rotten Tomatoes;
+    ``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
 
     Args:
         block_size: rotation block size ``b`` (default 32 when ``num_blocks`` is not given).

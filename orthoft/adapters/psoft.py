@@ -19,9 +19,9 @@ from .config import CayleyConfig
 class PSOFTConfig(CayleyConfig):
     """PSOFT: ``W' = W + B (diag(b) R diag(a) - I) A`` with ``W = U S V^T``, ``A = V_r^T``, ``B = U_r S_r``.
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.003, Muon/NorMuon/
-    TurboMuon 0.01, ROOT 0.01, AuON 0.03 (derived, not grid-measured; ``docs/quality.md``).
-    Short fine-tunes of small models; see there for larger ones.
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon 0.003, NorMuon 0.003,
+    TurboMuon 0.003, ROOT 0.003, AuON 0.03 (all grid-measured on MiniLM-L6 / Rotten Tomatoes;
+    ``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
 
     ``A`` has orthonormal rows and, with ``B``, stays frozen; only the ``r x r`` rotation ``R``
     (packed skew through the Cayley map) and the vectors ``a``, ``b`` (init 1) train:

@@ -25,9 +25,9 @@ from .config import OrthoConfig
 class QGOFTConfig(OrthoConfig):
     """qGOFT (default) or strict GOFT: effective weight ``W R``, ``R = G_L ... G_1`` (see ``orthogonal.givens``).
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon/NorMuon/
-    TurboMuon 0.03, ROOT 0.1, AuON 0.1 (derived, not grid-measured; ``docs/quality.md``).
-    Short fine-tunes of small models; see there for larger ones.
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01, Muon 0.01, NorMuon 0.01,
+    TurboMuon 0.01, ROOT 0.03, AuON 0.01 (all grid-measured on MiniLM-L6 / Rotten Tomatoes;
+    ``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
 
     Layer ``r`` of ``R`` acts on pairs ``(i, i + 2^(r-1))`` inside blocks of ``2^r`` input features.
 

@@ -20,9 +20,9 @@ from .config import OrthoConfig
 class SVFTConfig(OrthoConfig):
     """SVFT: ``W' = U (S + M) V^T`` with ``W = U S V^T`` frozen and ``M`` a sparse ``n x n`` matrix.
 
-    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.01 for every
-    optimizer (its tensors are vectors, which orthogonalized optimizers send to AdamW); derived, not
-    grid-measured (``docs/quality.md``). Short fine-tunes of small models; see there for larger ones.
+    Learning rate (``optim.lr: auto``, ``orthoft.recommended_lr``): AdamW 0.03 for every optimizer (its tensors
+    are vectors, which orthogonalized optimizers send to AdamW); grid-measured (``docs/quality.md``). Short
+    fine-tunes of small models; see there for larger ones.
 
     Only the nonzeros of ``M`` train; they start at 0, so the model equals the base model at init
     (the reference code starts ``M`` random). The update ``U M V^T`` is added to the untouched

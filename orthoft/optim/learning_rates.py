@@ -1,12 +1,13 @@
 """Default learning rates per adapter method and optimizer: what ``optim.lr: auto`` uses.
 
 Measured by ``eval/bench_quality.py`` (MiniLM-L6, Rotten Tomatoes; the table and its settings are
-in ``docs/quality.md``): per (method, optimizer), the grid lr with the best test accuracy, one grid
-step lower when the next higher lr lost more than 3 points (a cliff: LoRA with AdamW). Entries
-marked "derived" in ``LR_SOURCES`` were not grid-measured in that run; how each was derived is
-written next to it. For an orthogonalized optimizer the value is the lr of the tensors it
-orthogonalizes; what falls back to AdamW (vectors, the classifier head) gets the method's AdamW
-value (``resolve_lr``).
+in ``docs/quality.md``): per (method, optimizer), the low end of the best grid lr's one-point plateau
+(lrs within one point of the best are ties on this benchmark, and the low end survives deeper and
+longer runs, whose upper lr edge moves down), one grid step lower when the best sits at a cliff
+(the next higher lr lost more than 3 points). Entries not in ``MEASURED`` were not grid-measured;
+``LR_SOURCES`` says how each was derived. For an orthogonalized optimizer the value is the lr of
+the tensors it orthogonalizes; what falls back to AdamW (vectors, the classifier head) gets the
+method's AdamW value (``resolve_lr``).
 
 Transfer to other models: these are rates for SHORT fine-tunes (about a hundred steps) of a small
 encoder. The papers train 7B models for thousands of steps with AdamW at 4e-4 (OFTv2, BOFT, HRA,
@@ -24,13 +25,20 @@ from typing import Any
 OPTIMIZER_KEYS = ("adamw", "muon", "normuon", "turbomuon", "root", "auon", "hybridauon")
 
 
-def _row(adamw: float, muon: float, root: float, auon: float) -> dict[str, float]:
-    # NorMuon and TurboMuon take Muon's steps (same spectral/Frobenius size); HybridAuON is AuON's.
+def _row(
+    adamw: float,
+    muon: float,
+    root: float,
+    auon: float,
+    normuon: float | None = None,
+    turbomuon: float | None = None,
+) -> dict[str, float]:
+    # NorMuon and TurboMuon default to Muon's lr (their steps have Muon's size); HybridAuON takes AuON's.
     return {
         "adamw": adamw,
         "muon": muon,
-        "normuon": muon,
-        "turbomuon": muon,
+        "normuon": muon if normuon is None else normuon,
+        "turbomuon": muon if turbomuon is None else turbomuon,
         "root": root,
         "auon": auon,
         "hybridauon": auon,
@@ -38,33 +46,42 @@ def _row(adamw: float, muon: float, root: float, auon: float) -> dict[str, float
 
 
 RECOMMENDED_LR: dict[str, dict[str, float]] = {
-    "oft": _row(adamw=3e-3, muon=1e-2, root=1e-2, auon=3e-2),
-    "boft": _row(adamw=3e-3, muon=1e-2, root=3e-2, auon=3e-2),
-    "qgoft": _row(adamw=1e-2, muon=3e-2, root=1e-1, auon=1e-1),
-    "hra": _row(adamw=1e-2, muon=3e-2, root=3e-2, auon=1e-1),
-    "psoft": _row(adamw=3e-3, muon=1e-2, root=1e-2, auon=3e-2),
-    "svft": _row(adamw=1e-2, muon=1e-2, root=1e-2, auon=1e-2),  # vectors only: every optimizer is AdamW
-    "clover": _row(adamw=3e-3, muon=1e-1, root=1e-1, auon=3e-1),
-    "lora": _row(adamw=1e-3, muon=3e-2, root=3e-2, auon=1e-1),
-    "orthogonal_adaptation": _row(adamw=1e-3, muon=3e-2, root=3e-2, auon=1e-1),
+    "oft": _row(adamw=0.003, muon=0.01, normuon=0.01, turbomuon=0.01, root=0.01, auon=0.01),
+    "boft": _row(adamw=0.003, muon=0.003, normuon=0.003, turbomuon=0.003, root=0.01, auon=0.003),
+    "qgoft": _row(adamw=0.01, muon=0.01, normuon=0.01, turbomuon=0.01, root=0.03, auon=0.01),
+    "hra": _row(adamw=0.01, muon=0.01, normuon=0.03, turbomuon=0.01, root=0.03, auon=0.01),
+    "psoft": _row(adamw=0.01, muon=0.003, normuon=0.003, turbomuon=0.003, root=0.003, auon=0.03),
+    # vectors only: every optimizer is AdamW
+    "svft": _row(adamw=0.03, muon=0.03, normuon=0.03, turbomuon=0.03, root=0.03, auon=0.03),
+    "clover": _row(adamw=0.01, muon=0.03, normuon=0.03, turbomuon=0.1, root=0.1, auon=0.03),
+    "lora": _row(adamw=0.001, muon=0.003, normuon=0.003, turbomuon=0.003, root=0.003, auon=0.01),
+    # LoRA's (a LoRA with A frozen)
+    "orthogonal_adaptation": _row(adamw=0.001, muon=0.003, normuon=0.003, turbomuon=0.003, root=0.003, auon=0.01),
 }
 """lr per method and optimizer (keys as ``optimizer_key`` normalizes them). How each was obtained: ``LR_SOURCES``."""
 
 LR_SOURCES: dict[str, str] = {
-    "measured": "grid-measured by eval/bench_quality.py (oft: adamw, muon, auon; hra: adamw; lora: adamw)",
-    "adamw": "boft, psoft: OFT's (bounded Cayley blocks, the same plateau family); qgoft: HRA's (unbounded "
-    "tensors with a soft penalty, similar one-step sensitivity); svft: 1e-2 (lowest one-step sensitivity; "
-    "its 7B rate is 2.5x the others'); clover: 3e-3 (its 7B rate is the lowest: not raised to HRA's); "
-    "orthogonal_adaptation: LoRA's (a LoRA with A frozen)",
-    "muon": "oft measured; others: OFT's Muon lr times the ratio of OFT's one-step sensitivity to the method's, "
-    "rounded to the half-decade grid (docs/quality.md)",
-    "normuon/turbomuon": "Muon's (their steps have Muon's size)",
-    "root": "Muon's times original / Moonlight update scale for the method's main tensor shape (ROOT uses "
-    "Moonlight scaling), rounded to the grid",
-    "auon/hybridauon": "oft measured (3x Muon's); others 3x their Muon lr",
+    "measured": "the pairs in MEASURED: grid-measured by eval/bench_quality.py (5 log-spaced lrs, 2 seeds at the "
+    "best), taking the low end of the best lr's one-point plateau (one grid step lower at a cliff)",
+    "normuon/turbomuon": "where not measured: Muon's lr (their steps have Muon's size)",
+    "root": "where not measured: Muon's times original / Moonlight update scale for the method's main tensor "
+    "shape (ROOT uses Moonlight scaling), rounded to the grid",
+    "auon": "where not measured: 3x the method's Muon lr; HybridAuON always takes AuON's",
+    "svft": "its AdamW lr for every optimizer: it trains vectors only, which orthogonalized optimizers send to AdamW",
+    "orthogonal_adaptation": "LoRA's (a LoRA with A frozen); not measured",
 }
 MEASURED: frozenset[tuple[str, str]] = frozenset(
-    {("oft", "adamw"), ("oft", "muon"), ("oft", "auon"), ("hra", "adamw"), ("lora", "adamw")}
+    {
+        ("oft", "adamw"), ("oft", "muon"), ("oft", "normuon"), ("oft", "turbomuon"), ("oft", "root"),
+        ("oft", "auon"), ("boft", "adamw"), ("boft", "muon"), ("boft", "normuon"), ("boft", "turbomuon"),
+        ("boft", "root"), ("boft", "auon"), ("qgoft", "adamw"), ("qgoft", "muon"), ("qgoft", "normuon"),
+        ("qgoft", "turbomuon"), ("qgoft", "root"), ("qgoft", "auon"), ("hra", "adamw"), ("hra", "muon"),
+        ("hra", "normuon"), ("hra", "turbomuon"), ("hra", "root"), ("hra", "auon"), ("psoft", "adamw"),
+        ("psoft", "muon"), ("psoft", "normuon"), ("psoft", "turbomuon"), ("psoft", "root"), ("psoft", "auon"),
+        ("svft", "adamw"), ("clover", "adamw"), ("clover", "muon"), ("clover", "normuon"), ("clover", "turbomuon"),
+        ("clover", "root"), ("clover", "auon"), ("lora", "adamw"), ("lora", "muon"), ("lora", "normuon"),
+        ("lora", "turbomuon"), ("lora", "root"), ("lora", "auon")
+    }
 )
 
 
