@@ -37,12 +37,12 @@ def _flat_indices(block_size: int, device: torch.device) -> tuple[torch.Tensor, 
     """
     with torch.inference_mode(False):
         rows, cols = torch.triu_indices(block_size, block_size, 1)
-        upper = rows * block_size + cols
+        upper, lower = rows * block_size + cols, cols * block_size + rows
         k = rows.numel()
         source = torch.zeros(block_size * block_size, dtype=torch.long)
         source[upper] = torch.arange(1, k + 1)
-        source[cols * block_size + rows] = torch.arange(k + 1, 2 * k + 1)
-        return upper.to(device), (cols * block_size + rows).to(device), source.to(device)
+        source[lower] = torch.arange(k + 1, 2 * k + 1)
+        return upper.to(device), lower.to(device), source.to(device)
 
 
 def unpack_skew(packed: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
